@@ -1,0 +1,84 @@
+"""Engine-facing request types: SamplingParams in, RequestOutput deltas out.
+
+These are the contract between the engine and its callers (the Ray model server, the
+benchmark, tests). The API layer converts OpenAI request fields into SamplingParams;
+the engine yields RequestOutput deltas, never SSE strings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cogvlm_ray.errors import InvalidRequestError
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    """0 (or below 1e-5) means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra stop ids on top of the checkpoint's eos ids."""
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError for values the engine cannot honour."""
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "max_tokens must be >= 1"),
+            (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0, "temperature",
+             "temperature must be a finite number in [0, 2]"),
+            (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
+            (math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+             "repetition_penalty", "repetition_penalty must be in (0, 10]"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be in [0, max_tokens]"),
+            (self.n == 1, "n", "n > 1 is not supported"),
+            (not self.logprobs, "logprobs", "logprobs are not supported yet"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise InvalidRequestError(message, param=param)
+
+
+@dataclass
+class RequestOutput:
+    """One streamed delta for one request."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    """Total generated so far (including this delta)."""
+    arrival_time: float = 0.0
+    """time.monotonic() when the engine received the request."""
+    first_scheduled_time: float | None = None
+    """When the request left the waiting queue (queue time = this - arrival)."""
+    first_token_time: float | None = None
+    """When the first output token was produced (TTFT = this - arrival)."""
+    emit_time: float = 0.0
+    """When this delta was produced (ITL = differences between consecutive deltas)."""
+    image_cache_hit: bool | None = None
+    """For image requests: whether the vision tower was skipped; None for text-only."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
