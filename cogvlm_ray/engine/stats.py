@@ -24,6 +24,8 @@ class EngineStats:
     image_cache_queries: int = 0
     """Cumulative."""
     image_cache_bytes: int = 0
+    prefix_cache_hit_tokens: int = 0
+    """Cumulative prompt tokens whose KV was reused from the prefix cache (not recomputed)."""
     total_prompt_tokens: int = 0
     """Cumulative."""
     total_generated_tokens: int = 0

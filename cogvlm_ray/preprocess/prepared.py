@@ -22,7 +22,9 @@ class PreparedPrompt:
     image: np.ndarray | None
     """Resized RGB image, uint8 [3, S, S] (channels first), not normalised; None for text-only."""
     image_hash: str | None
-    """Hex digest of the resized image's pixels (the image-cache key); None for text-only."""
+    """Content hash, the image-cache key; None for text-only. The preprocessor uses
+    `images.content_hash` (encoded bytes + target size: equal hashes mean equal pixels, and it
+    is cheaper than hashing 5.4 MB of pixels); `images.pixel_hash` hashes an array directly."""
 
     @property
     def num_prompt_tokens(self) -> int:

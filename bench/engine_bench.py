@@ -1,0 +1,240 @@
+"""Engine benchmark: continuous batching vs one request at a time, and image-cache TTFT.
+
+    python bench/engine_bench.py [--threads 1] [--requests 32] [--max-tokens 64] [--levels 1,8,32]
+
+One process, one random CogVLM2 checkpoint of realistic proportions sized for CPU
+(`make_tiny_checkpoint(preset="bench")`: LM hidden 512, 8 layers, 8 heads / 2 KV heads,
+MLP 1792, vocab 4096; vision 224 px, patch 14, hidden 256, 4 layers -> 66 image positions),
+float32 on CPU.
+
+* Baseline = the official demo's approach: one request at a time, generated to completion
+  with a KV cache (our model's paged decode, batch 1, no engine: vision tower, one prefill,
+  then one `forward_flat` per token, greedy).
+* Engine: `--requests` image+question requests, `c` concurrent clients each sending its share
+  one after another (closed loop), for each `c` in `--levels`. Every request has its own new
+  image (no feature-cache help) and produces exactly `--max-tokens` tokens (ignore_eos).
+* TTFT: on an idle engine, a new image vs the same image again with another question
+  (median of `--ttft-repeats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from cogvlm_ray.engine import Engine, EngineConfig, SamplingParams
+from cogvlm_ray.engine.kv_cache import allocate_kv_caches
+from cogvlm_ray.model import AttentionMetadata, load_model
+from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
+from cogvlm_ray.model.tiny import make_tiny_checkpoint
+from cogvlm_ray.preprocess.images import normalize_image, pixel_hash
+from cogvlm_ray.preprocess.prepared import PreparedPrompt
+from cogvlm_ray.preprocess.prompt import build_prompt_ids
+
+logger = logging.getLogger("engine_bench")
+
+QUESTIONS = [
+    "What is in this picture?",
+    "Describe the image in detail.",
+    "How many red squares are there?",
+    "Where is the cat?",
+    "What colour is the square?",
+    "Is there any text in the image?",
+]
+
+
+@dataclass
+class Bench:
+    model: object
+    tokenizer: PreTrainedTokenizerFast
+    max_tokens: int
+
+    def prompt(self, image_seed: int, question: int) -> PreparedPrompt:
+        config = self.model.model_config
+        size = config.vision_config.image_size
+        image = np.random.default_rng(image_seed).integers(0, 256, (3, size, size), dtype=np.uint8)
+        ids, types = build_prompt_ids(
+            self.tokenizer, config, query=QUESTIONS[question % len(QUESTIONS)], has_image=True
+        )
+        return PreparedPrompt(ids, types, image, pixel_hash(image))
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True)
+
+
+@torch.inference_mode()
+def baseline(bench: Bench, prompts: list[PreparedPrompt]) -> dict[str, float]:
+    """One request at a time to completion: vision tower, prefill, then batch-1 cached decode."""
+    model, block_size = bench.model, 16
+    config = model.model_config
+    max_len = max(p.num_prompt_tokens for p in prompts) + bench.max_tokens
+    num_blocks = -(-max_len // block_size)
+    caches = allocate_kv_caches(
+        model.kv_cache_layout(), num_blocks, block_size, config.num_key_value_heads, config.head_dim
+    )
+    table = list(range(num_blocks))
+    start = time.perf_counter()
+    ttfts = []
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        types = torch.tensor(prompt.token_type_ids)
+        features = model.encode_images(normalize_image(prompt.image)[None])[0]
+        length = prompt.num_prompt_tokens
+        meta = AttentionMetadata.build([length], [0], [table], block_size)
+        hidden = model.forward_flat(
+            torch.tensor(prompt.input_ids),
+            build_position_ids(types),
+            build_vision_expert_mask(types),
+            caches,
+            meta,
+            image_embeds=features,
+            image_token_mask=types == 1,
+        )
+        token = int(model.compute_logits(hidden[-1:]).argmax(-1))
+        ttfts.append(time.perf_counter() - t0)
+        position = int(build_position_ids(types)[-1])
+        for step in range(1, bench.max_tokens):
+            meta = AttentionMetadata.build([1], [length + step - 1], [table], block_size)
+            hidden = model.forward_flat(
+                torch.tensor([token]),
+                torch.tensor([position + step]),
+                torch.zeros(1, dtype=torch.bool),
+                caches,
+                meta,
+            )
+            token = int(model.compute_logits(hidden).argmax(-1))
+    elapsed = time.perf_counter() - start
+    tokens = len(prompts) * bench.max_tokens
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "mean_ttft_s": statistics.mean(ttfts)}
+
+
+def make_engine(bench: Bench) -> Engine:
+    return Engine(bench.model, bench.tokenizer, EngineConfig(max_num_seqs=32, max_kv_tokens=32768))
+
+
+async def engine_level(bench: Bench, prompts: list[PreparedPrompt], concurrency: int) -> dict[str, float]:
+    engine = make_engine(bench)
+    await engine.start()
+    ttfts: list[float] = []
+    batch_sizes: list[int] = []
+
+    async def client(mine: list[tuple[int, PreparedPrompt]]) -> int:
+        produced = 0
+        for index, prompt in mine:
+            async for out in engine.add_request(prompt, bench.params(), f"c{concurrency}-{index}"):
+                produced += len(out.new_token_ids)
+                batch_sizes.append(engine.get_stats().batch_size)
+                if out.finished and out.first_token_time is not None:
+                    ttfts.append(out.first_token_time - out.arrival_time)
+        return produced
+
+    shares = [list(enumerate(prompts))[i::concurrency] for i in range(concurrency)]
+    start = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(client(s) for s in shares)))
+    elapsed = time.perf_counter() - start
+    steps = engine.get_stats().num_steps
+    await engine.shutdown()
+    return {
+        "concurrency": concurrency,
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "mean_ttft_s": statistics.mean(ttfts),
+        "mean_batch_size": statistics.mean(batch_sizes),
+        "steps": steps,
+    }
+
+
+async def ttft_cold_vs_cached(bench: Bench, repeats: int) -> dict[str, float]:
+    engine = make_engine(bench)
+    await engine.start()
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    async def ttft(prompt: PreparedPrompt, request_id: str) -> tuple[float, bool | None]:
+        outputs = [o async for o in engine.add_request(prompt, params, request_id)]
+        return outputs[-1].first_token_time - outputs[-1].arrival_time, outputs[-1].image_cache_hit
+
+    cold, cached = [], []
+    for i in range(repeats):
+        seconds, hit = await ttft(bench.prompt(10_000 + i, 0), f"cold-{i}")
+        assert hit is False
+        cold.append(seconds)
+        seconds, hit = await ttft(bench.prompt(10_000 + i, 1), f"cached-{i}")
+        assert hit is True
+        cached.append(seconds)
+    await engine.shutdown()
+    cold_s, cached_s = statistics.median(cold), statistics.median(cached)
+    return {"cold_ttft_s": cold_s, "cached_ttft_s": cached_s, "ratio": cached_s / cold_s}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--ttft-repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = make_tiny_checkpoint(tmp, preset="bench", seed=0)
+        model = load_model(directory, dtype=torch.float32)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
+    bench = Bench(model, tokenizer, args.max_tokens)
+    config = model.model_config
+    logger.info(
+        "model: LM hidden %d, %d layers, %d heads / %d KV heads, vocab %d; vision %d px -> %d image positions",
+        config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+        config.vocab_size, config.vision_config.image_size, config.num_image_tokens,
+    )  # fmt: skip
+    warm = Bench(model, tokenizer, 4)
+    baseline(warm, [warm.prompt(1, 0)])  # warm up kernels and allocator
+    asyncio.run(engine_level(warm, [warm.prompt(2, 0), warm.prompt(3, 1)], 2))
+
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "prompt_tokens": bench.prompt(0, 0).num_prompt_tokens,
+    }
+    prompts = [bench.prompt(100 + i, i) for i in range(args.requests)]
+    results["baseline"] = baseline(bench, prompts)
+    logger.info("baseline (one at a time): %.1f tok/s", results["baseline"]["tokens_per_s"])
+    results["engine"] = []
+    for level, concurrency in enumerate(int(c) for c in args.levels.split(",")):
+        level_prompts = [bench.prompt(1000 * (level + 1) + i, i) for i in range(args.requests)]
+        row = asyncio.run(engine_level(bench, level_prompts, concurrency))
+        row["speedup"] = row["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+        results["engine"].append(row)
+        logger.info(
+            "engine c=%d: %.1f tok/s (%.2fx baseline), mean TTFT %.3f s, mean batch %.1f",
+            concurrency, row["tokens_per_s"], row["speedup"], row["mean_ttft_s"], row["mean_batch_size"],
+        )  # fmt: skip
+    results["ttft"] = asyncio.run(ttft_cold_vs_cached(bench, args.ttft_repeats))
+    logger.info(
+        "TTFT new image %.1f ms, repeated image %.1f ms (%.2fx)",
+        results["ttft"]["cold_ttft_s"] * 1e3, results["ttft"]["cached_ttft_s"] * 1e3, results["ttft"]["ratio"],
+    )  # fmt: skip
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

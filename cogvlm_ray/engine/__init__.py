@@ -1,0 +1,27 @@
+"""Continuous-batching generation engine for CogVLM2 (plain Python + torch; no Ray, no HTTP).
+
+Data path (each arrow is one dataclass, defined in one place):
+
+    HTTP request (api/)            OpenAI pydantic model -> SamplingParams (engine/request.py)
+    -> PreparedPrompt              preprocess/prepared.py: ids, token types, uint8 image, image hash
+    -> Request                     engine/sequence.py: mutable per-request state (num_computed_tokens,
+                                   output ids, status); queued by Engine.add_request
+    -> SchedulerOutput             engine/scheduler.py: who runs this step and how many tokens each
+                                   (decodes + prefill chunks under a token budget, KV blocks allocated)
+    -> tensors                     engine/runner.py: flat ids / positions / expert mask / image rows +
+                                   AttentionMetadata -> model.forward_flat -> last-token logits
+    -> sampled ids                 engine/sampler.py -> RunnerOutput (scheduler.py)
+    -> RequestOutput               engine/outputs.py: scheduler.update_from_output + incremental
+                                   detokenizer (stop strings) -> per-request asyncio queue
+    -> OpenAI chunk                api/ (not here)
+
+Modules: config (EngineConfig), kv_cache (paged blocks + tensors), image_cache (vision-feature
+LRU), validation, engine (async API and the step loop). Stats: engine/stats.py.
+"""
+
+from cogvlm_ray.engine.config import EngineConfig
+from cogvlm_ray.engine.engine import Engine
+from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.engine.stats import EngineStats
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams"]

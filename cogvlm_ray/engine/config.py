@@ -1,0 +1,59 @@
+"""EngineConfig: the knobs of the continuous-batching engine (scheduling, KV budget, caches).
+
+A frozen dataclass built by the serving layer from its pydantic args; the engine validates it
+once at construction. Model facts (context window, eos ids) come from the model, not from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32
+    """Running sequences per step (= Serve max_ongoing_requests)."""
+    max_num_batched_tokens: int = 4096
+    """Per-step token budget: prefill chunks + one token per decoding sequence."""
+    block_size: int = 16
+    """Tokens per KV block (paged cache)."""
+    num_kv_blocks: int | None = None
+    """Explicit KV cache size in blocks (wins over the two options below)."""
+    kv_cache_memory_fraction: float = 0.85
+    """GPU: fraction of the device memory still free after the weights are loaded."""
+    max_kv_tokens: int | None = None
+    """Explicit KV cache size in tokens; on CPU the default is `DEFAULT_CPU_KV_TOKENS`."""
+    image_cache_bytes: int = 1 << 30
+    """Byte budget of the image-feature LRU (0 disables caching)."""
+    max_waiting: int = 256
+    """Engine-side queue bound: add_request raises OverloadedError beyond it."""
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    """Reuse the K/V of full prompt blocks already computed for the same prefix (same image + text)."""
+    max_model_len: int | None = None
+    """Prompt + output limit per sequence; default: the model's context window (8192)."""
+
+    def validate(self) -> None:
+        """Raise ValueError for settings the engine cannot run with."""
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode token each)")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")
+        if self.max_kv_tokens is not None and self.max_kv_tokens < self.block_size:
+            raise ValueError("max_kv_tokens must be >= block_size")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.image_cache_bytes < 0:
+            raise ValueError("image_cache_bytes must be >= 0")
+        if self.max_waiting < 1:
+            raise ValueError("max_waiting must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+
+
+#: KV size used on CPU when neither num_kv_blocks nor max_kv_tokens is given.
+DEFAULT_CPU_KV_TOKENS = 65536

@@ -1,0 +1,269 @@
+"""Engine: the async API over scheduler + runner + output processing (no Ray, no HTTP).
+
+`add_request` validates synchronously and returns an async iterator of `RequestOutput`
+deltas. A background task runs `step()` (schedule -> run -> update) in a loop; the forward
+pass runs on one dedicated worker thread, so the event loop keeps streaming tokens and
+accepting requests while the model computes.
+
+Threading rule: scheduler, output processor and request state are touched only on the event
+loop thread; the worker thread only runs `ModelRunner.execute` on a `SchedulerOutput` built
+before it starts. That is why `abort` is deferred: it is applied at the top of the next loop
+iteration (the KV blocks of a request in flight are never freed under a running forward),
+which frees the slot and KV within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from cogvlm_ray.engine.config import EngineConfig
+from cogvlm_ray.engine.image_cache import ImageFeatureCache
+from cogvlm_ray.engine.kv_cache import BlockManager, allocate_kv_caches, num_kv_blocks_for
+from cogvlm_ray.engine.outputs import OutputProcessor, RequestStream
+from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.engine.runner import ModelRunner
+from cogvlm_ray.engine.scheduler import Scheduler
+from cogvlm_ray.engine.sequence import Request
+from cogvlm_ray.engine.stats import EngineStats
+from cogvlm_ray.engine.validation import validate_prompt
+from cogvlm_ray.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    OverloadedError,
+    PromptTooLongError,
+    ServiceUnavailableError,
+)
+from cogvlm_ray.preprocess.prepared import PreparedPrompt
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_stop_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The checkpoint's eos ids: config `eos_token_id` plus generation_config.json's, when present.
+
+    `load_model` attaches the generation config as `model.generation_config`; otherwise the
+    tokenizer's directory (usually the checkpoint) is searched for the file.
+    """
+    ids = list(model.model_config.eos_token_ids)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    source = getattr(tokenizer, "name_or_path", None)
+    if eos is None and source and (Path(source) / "generation_config.json").is_file():
+        with open(Path(source) / "generation_config.json", encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    ids.extend(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        config.validate()
+        model_config = model.model_config
+        self.model_config = model_config
+        self.max_model_len = config.max_model_len or model_config.max_context_len
+        self.eos_token_ids = checkpoint_stop_token_ids(model, tokenizer)
+
+        layout = model.kv_cache_layout()
+        num_blocks = num_kv_blocks_for(
+            config, layout, model_config.num_key_value_heads, model_config.head_dim
+        )
+        kv_caches = allocate_kv_caches(
+            layout, num_blocks, config.block_size, model_config.num_key_value_heads, model_config.head_dim
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, self.max_model_len)
+        self.image_cache = ImageFeatureCache(config.image_cache_bytes)
+        self.runner = ModelRunner(model, kv_caches, config.block_size, self.image_cache, self.eos_token_ids)
+        self.outputs = OutputProcessor(tokenizer)
+        logger.info(
+            "engine ready: %d KV blocks x %d tokens, max_model_len %d, eos ids %s",
+            num_blocks, config.block_size, self.max_model_len, self.eos_token_ids,
+        )  # fmt: skip
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogvlm-engine")
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._pending_aborts: list[str] = []
+        self._dead: BaseException | None = None
+        self._accepting = True
+        self._stopping = False
+        self._stats = EngineStats()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    # ---- public API -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the background step loop (idempotent)."""
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._run_loop(), name="cogvlm-engine-loop"
+            )
+
+    def add_request(
+        self, prepared: PreparedPrompt, sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate and queue a request; returns its stream of deltas (the last has finish_reason).
+
+        Raises synchronously: InvalidRequestError / PromptTooLongError for bad input,
+        OverloadedError when the waiting queue is full, EngineDeadError / ServiceUnavailableError
+        when the engine cannot take work. Closing or cancelling the iterator aborts the request.
+        """
+        self.check_health()
+        if not self._accepting:
+            raise ServiceUnavailableError("engine is shutting down")
+        sampling_params.validate()
+        validate_prompt(prepared, self.model_config)
+        total = prepared.num_prompt_tokens + sampling_params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({prepared.num_prompt_tokens} tokens) + max_tokens ({sampling_params.max_tokens}) "
+                f"exceeds the context window of {self.max_model_len} tokens"
+            )
+        if total > self.kv_capacity_tokens:
+            raise PromptTooLongError(
+                f"prompt + max_tokens ({total} tokens) exceeds the KV cache capacity of {self.kv_capacity_tokens}"
+            )
+        if request_id in self.scheduler.requests or request_id in self.outputs.streams:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id")
+        if self.scheduler.num_waiting >= self.config.max_waiting:
+            raise OverloadedError(f"engine queue is full ({self.config.max_waiting} waiting requests)")
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prepared.input_ids),
+            token_type_ids=list(prepared.token_type_ids),
+            sampling_params=sampling_params,
+            image=prepared.image,
+            image_hash=prepared.image_hash,
+        )
+        stream = self.outputs.add(request)
+        self.scheduler.add_request(request)
+        self._wake()
+        return self._iterate(stream)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its slot and KV are freed before the next step runs."""
+        self._pending_aborts.append(request_id)
+        self._wake()
+
+    def get_stats(self) -> EngineStats:
+        stats = dataclasses.replace(self._stats)
+        stats.num_running = self.scheduler.num_running
+        stats.num_waiting = self.scheduler.num_waiting
+        stats.num_waiting_for_kv = self.scheduler.num_waiting_for_kv
+        stats.kv_cache_usage = self.block_manager.usage
+        stats.image_cache_hits = self.image_cache.num_hits
+        stats.image_cache_queries = self.image_cache.num_queries
+        stats.image_cache_bytes = self.image_cache.num_bytes
+        stats.prefix_cache_hit_tokens = self.scheduler.num_cached_prompt_tokens
+        stats.is_alive = self._dead is None
+        return stats
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if the step loop died."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+        if self._loop_task is not None and self._loop_task.done() and not self._stopping:
+            raise EngineDeadError("engine loop exited unexpectedly")
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop admitting, let running requests finish for up to `timeout_s`, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self.scheduler.has_unfinished_requests() and time.monotonic() < deadline and self._dead is None:
+            await asyncio.sleep(0.01)
+        for request_id in list(self.scheduler.requests):
+            self.abort(request_id)
+        self._stopping = True
+        self._wake()
+        if self._loop_task is not None:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ---- the loop -------------------------------------------------------------------------
+    async def step(self) -> None:
+        """One iteration: schedule -> run (worker thread) -> update."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            await asyncio.sleep(0.001)  # nothing fits this step (only possible transiently)
+            return
+        loop = asyncio.get_running_loop()
+        runner_output = await loop.run_in_executor(self._executor, self.runner.execute, scheduler_output)
+        for update in self.scheduler.update_from_output(scheduler_output, runner_output):
+            request = update.request
+            if self.outputs.process(request, update.new_token_ids, update.finished):
+                if request.is_finished:
+                    request.finish_reason = "stop"  # a stop string on the last allowed token
+                else:
+                    self.scheduler.finish_request(request.request_id, "stop")
+            if request.is_finished:
+                self.runner.release(request.request_id)
+        self._record_step(scheduler_output)
+
+    def _record_step(self, scheduler_output: Any) -> None:
+        stats = self._stats
+        stats.batch_size = len(scheduler_output.scheduled)
+        stats.num_prefill_tokens = scheduler_output.num_prefill_tokens
+        stats.num_decode_tokens = scheduler_output.num_decode_tokens
+        stats.total_prompt_tokens += scheduler_output.num_prefill_tokens
+        stats.total_generated_tokens += sum(1 for item in scheduler_output.scheduled if item.samples)
+        stats.num_steps += 1
+
+    async def _run_loop(self) -> None:
+        assert self._wakeup is not None
+        try:
+            while True:
+                self._apply_aborts()
+                if not self.scheduler.has_unfinished_requests():
+                    if self._stopping:
+                        return
+                    self._wakeup.clear()
+                    if self._pending_aborts:
+                        continue
+                    await self._wakeup.wait()
+                    continue
+                await self.step()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            logger.exception("engine loop died")
+            self._dead = exc
+            self.outputs.fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _apply_aborts(self) -> None:
+        while self._pending_aborts:
+            request_id = self._pending_aborts.pop()
+            request = self.scheduler.finish_request(request_id, "abort")
+            if request is not None:
+                self.runner.release(request_id)
+                self.outputs.finish(request, "abort")
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _iterate(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
+        await self.start()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(stream.request.request_id)

@@ -1,0 +1,227 @@
+"""ModelRunner: the only engine code that builds tensors and calls the model.
+
+It never decides who runs. Given a `SchedulerOutput` it
+1. finds the image features the step needs (image-feature cache first; the misses of the step,
+   deduplicated by hash, go through the vision tower as one batch);
+2. builds the flat batch: token ids, rotary positions, vision-expert mask, image-token mask and
+   the image rows for the prefill chunks, one token per decode (position = last + 1, language);
+3. builds `AttentionMetadata` from the block tables and runs `model.forward_flat` on the
+   engine-allocated paged KV cache;
+4. computes logits only for the last token of sequences that complete all their known tokens
+   and samples one id for each.
+
+Per request it keeps the prompt's positions and masks (computed once over the whole prompt,
+as chunked prefill requires) and the image features until the prompt is prefilled.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cogvlm_ray.engine.image_cache import ImageFeatureCache
+from cogvlm_ray.engine.sampler import SamplingRow, make_generator, sample
+from cogvlm_ray.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from cogvlm_ray.engine.sequence import Request
+from cogvlm_ray.model.attention import AttentionMetadata
+from cogvlm_ray.model.layout import VISION_TOKEN_TYPE, build_position_ids, build_vision_expert_mask
+from cogvlm_ray.preprocess.images import normalize_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _PromptState:
+    """Per-request tensors on the host, computed once over the whole prompt."""
+
+    positions: torch.Tensor
+    """int64 [P]."""
+    vision_expert_mask: torch.Tensor
+    """bool [P]."""
+    image_token_mask: torch.Tensor
+    """bool [P]; positions that receive image rows."""
+    image_rows_before: torch.Tensor
+    """int64 [P + 1]; image rows used by prompt tokens [0, i) (where a chunk's rows start)."""
+    generator: torch.Generator | None = None
+    image_features: torch.Tensor | None = None
+    """[num_image_tokens, H] while the prompt is being prefilled."""
+
+    @property
+    def last_position(self) -> int:
+        return int(self.positions[-1])
+
+
+def _input_device(model: Any) -> torch.device:
+    """Where token ids go in: the embedding's device (the first device of a sharded model)."""
+    device = getattr(model, "embed_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Any,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        image_cache: ImageFeatureCache,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.image_cache = image_cache
+        self.eos_token_ids = eos_token_ids
+        self.device = _input_device(model)
+        self._states: dict[str, _PromptState] = {}
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's state."""
+        self._states.pop(request_id, None)
+
+    def _state(self, request: Request) -> _PromptState:
+        state = self._states.get(request.request_id)
+        if state is None:
+            types = torch.tensor(request.token_type_ids, dtype=torch.long)
+            is_image = types == VISION_TOKEN_TYPE
+            rows_before = torch.zeros(len(types) + 1, dtype=torch.long)
+            rows_before[1:] = is_image.long().cumsum(0)
+            state = _PromptState(
+                build_position_ids(types), build_vision_expert_mask(types), is_image, rows_before
+            )
+            self._states[request.request_id] = state
+        return state
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Run one step; returns the sampled id of every sequence that completed its known tokens."""
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return RunnerOutput()
+        self._load_image_features(scheduled)
+
+        token_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        expert_masks: list[torch.Tensor] = []
+        image_masks: list[torch.Tensor] = []
+        image_rows: list[torch.Tensor] = []
+        for item in scheduled:
+            request, state = item.request, self._state(item.request)
+            start, end, num_prompt = item.num_computed_tokens, item.end, item.request.num_prompt_tokens
+            token_ids.extend(request.token_ids(start, end))
+            if start < num_prompt:  # prompt part of the chunk
+                prompt_end = min(end, num_prompt)
+                positions.append(state.positions[start:prompt_end])
+                expert_masks.append(state.vision_expert_mask[start:prompt_end])
+                image_masks.append(state.image_token_mask[start:prompt_end])
+                first_row, last_row = (
+                    int(state.image_rows_before[start]),
+                    int(state.image_rows_before[prompt_end]),
+                )
+                if last_row > first_row:
+                    assert state.image_features is not None, "image features were not loaded"
+                    image_rows.append(state.image_features[first_row:last_row])
+                if prompt_end == num_prompt:
+                    state.image_features = None  # the cache (or nobody) keeps them from here on
+            if end > num_prompt:  # generated tokens: language type, positions continue after the prompt
+                first = max(start, num_prompt) - num_prompt
+                num_new = end - max(start, num_prompt)
+                positions.append(
+                    torch.arange(first, first + num_new, dtype=torch.long) + state.last_position + 1
+                )
+                expert_masks.append(torch.zeros(num_new, dtype=torch.bool))
+                image_masks.append(torch.zeros(num_new, dtype=torch.bool))
+
+        device = self.device
+        metadata = AttentionMetadata.build(
+            query_lens=[item.num_new_tokens for item in scheduled],
+            context_lens=[item.num_computed_tokens for item in scheduled],
+            block_tables=[item.block_table for item in scheduled],
+            block_size=self.block_size,
+            device=device,
+        )
+        image_mask = torch.cat(image_masks)
+        hidden = self.model.forward_flat(
+            input_ids=torch.tensor(token_ids, dtype=torch.long).to(device, non_blocking=True),
+            positions=torch.cat(positions).to(device, non_blocking=True),
+            vision_expert_mask=torch.cat(expert_masks).to(device, non_blocking=True),
+            kv_caches=self.kv_caches,
+            attn_metadata=metadata,
+            image_embeds=torch.cat(image_rows) if image_rows else None,
+            image_token_mask=image_mask.to(device, non_blocking=True) if image_rows else None,
+        )
+
+        # Logits only for the last token of sequences that now have all their tokens computed.
+        sampling = [(b, item) for b, item in enumerate(scheduled) if item.samples]
+        if not sampling:
+            return RunnerOutput()
+        ends = torch.tensor(metadata.query_lens_cpu).cumsum(0) - 1
+        last_rows = ends[[b for b, _ in sampling]].to(hidden.device)
+        logits = self.model.compute_logits(hidden.index_select(0, last_rows))
+        rows = [self._sampling_row(item.request, logits.device) for _, item in sampling]
+        token_ids_out = sample(logits, rows)
+        return RunnerOutput(
+            {item.request.request_id: t for (_, item), t in zip(sampling, token_ids_out, strict=True)}
+        )
+
+    def _sampling_row(self, request: Request, device: torch.device) -> SamplingRow:
+        params = request.sampling_params
+        state = self._state(request)
+        if not params.is_greedy and state.generator is None:
+            state.generator = make_generator(params.seed, device)
+        history = (
+            request.prompt_token_ids + request.output_token_ids if params.repetition_penalty != 1.0 else []
+        )
+        suppress = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
+        return SamplingRow(params, state.generator, history, request.num_output_tokens, suppress)
+
+    def _load_image_features(self, scheduled: list[ScheduledRequest]) -> None:
+        """Give every request whose chunk touches its image the features: cache hit or one batched tower call."""
+        misses: dict[str, list[Request]] = {}
+        for item in scheduled:
+            request = item.request
+            if not request.has_image or item.num_computed_tokens >= request.num_prompt_tokens:
+                continue
+            state = self._state(request)
+            prompt_end = min(item.end, request.num_prompt_tokens)
+            rows_before = state.image_rows_before
+            chunk_rows = int(rows_before[prompt_end]) - int(rows_before[item.num_computed_tokens])
+            if chunk_rows == 0:
+                if request.image_cache_hit is None and int(rows_before[item.num_computed_tokens]) == int(
+                    rows_before[-1]
+                ):
+                    request.image_cache_hit = True  # the whole image span came from the prefix cache
+                continue
+            if state.image_features is not None:
+                continue
+            assert request.image_hash is not None
+            if request.image_hash in misses:  # same image twice in one step: one tower row
+                misses[request.image_hash].append(request)
+                if request.image_cache_hit is None:
+                    request.image_cache_hit = True
+                continue
+            features = self.image_cache.get(request.image_hash)
+            if request.image_cache_hit is None:
+                request.image_cache_hit = features is not None
+            if features is not None:
+                state.image_features = features
+            else:
+                misses[request.image_hash] = [request]
+        if not misses:
+            return
+        # uint8 goes to the device (4x smaller than float32) and is normalised there.
+        pixels = normalize_image(
+            np.stack([requests[0].image for requests in misses.values()]), device=self.device
+        )
+        features = self.model.encode_images(pixels)  # [N, num_image_tokens, H]
+        for i, (image_hash, requests) in enumerate(misses.items()):
+            row = features[i].clone() if len(misses) > 1 else features[0]  # own storage: exact cache bytes
+            self.image_cache.put(image_hash, row)
+            for request in requests:
+                self._state(request).image_features = row
+        logger.debug("vision tower ran on %d new image(s)", len(misses))

@@ -1,0 +1,44 @@
+"""Checks that a PreparedPrompt is something the model can run (400-type errors otherwise).
+
+The preprocessing replica builds prompts correctly; these checks guard the engine against
+other callers (tests, benchmarks, a future client) sending inconsistent ids, types or pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cogvlm_ray.config import ModelConfig
+from cogvlm_ray.errors import InvalidRequestError
+from cogvlm_ray.preprocess.prepared import PreparedPrompt
+
+
+def validate_prompt(prepared: PreparedPrompt, model_config: ModelConfig) -> None:
+    """Raise InvalidRequestError unless ids, token types and the image agree with the model."""
+    ids, types = prepared.input_ids, prepared.token_type_ids
+    if not ids:
+        raise InvalidRequestError("the prompt is empty", param="messages")
+    if len(ids) != len(types):
+        raise InvalidRequestError(f"{len(ids)} token ids but {len(types)} token types", param="messages")
+    if min(ids) < 0 or max(ids) >= model_config.vocab_size:
+        raise InvalidRequestError(f"token ids must be in [0, {model_config.vocab_size})", param="messages")
+    if any(t not in (0, 1) for t in types):
+        raise InvalidRequestError("token types must be 0 (language) or 1 (vision)", param="messages")
+    num_vision = sum(types)
+    if prepared.image is None:
+        if num_vision:
+            raise InvalidRequestError("vision token types given without an image", param="messages")
+        return
+    size = model_config.vision_config.image_size
+    image = prepared.image
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != (3, size, size):
+        raise InvalidRequestError(
+            f"the image must be a uint8 array of shape (3, {size}, {size})", param="messages"
+        )
+    if num_vision != model_config.num_image_tokens:
+        raise InvalidRequestError(
+            f"the prompt has {num_vision} vision positions, the model needs {model_config.num_image_tokens}",
+            param="messages",
+        )
+    if not prepared.image_hash:
+        raise InvalidRequestError("an image prompt needs its image_hash", param="messages")

@@ -1,0 +1,13 @@
+"""Native CogVLM2 in plain torch.
+
+`layout.py` (position ids, expert mask), `rotary.py`, `attention.py` (paged KV, metadata),
+`vision.py` (EVA2-CLIP-E + adapter), `language.py` (visual-expert decoder), `cogvlm.py`
+(`CogVLM2ForCausalLM`: the engine contract), `hf_compat.py` (official forward / generate),
+`loading.py` (strict streaming safetensors loader), `sharding.py` (accelerate device maps).
+"""
+
+from cogvlm_ray.model.attention import AttentionMetadata
+from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM
+from cogvlm_ray.model.loading import CheckpointError, load_model
+
+__all__ = ["AttentionMetadata", "CheckpointError", "CogVLM2ForCausalLM", "load_model"]

@@ -1,0 +1,162 @@
+"""Preprocessor: OpenAI messages (plain dicts) -> PreparedPrompt, on CPU, without Ray.
+
+The preprocessing Ray deployment is a thin wrapper around `Preprocessor.prepare`. The call is
+synchronous and CPU-bound (and blocks on I/O when http(s) images are enabled), so an async
+caller should run it in a thread (`asyncio.to_thread`). It is thread-safe: the tokenizer is
+only read and the decoded-image cache is locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from cogvlm_ray.config import ModelConfig
+from cogvlm_ray.errors import ImageError, InvalidRequestError, PromptTooLongError
+from cogvlm_ray.preprocess.http_fetch import Resolver
+from cogvlm_ray.preprocess.images import DecodedImage, content_hash, decode_image
+from cogvlm_ray.preprocess.messages import apply_conversation_rules, parse_messages
+from cogvlm_ray.preprocess.options import PreprocessOptions
+from cogvlm_ray.preprocess.prepared import PreparedPrompt
+from cogvlm_ray.preprocess.prompt import build_prompt_ids, resolve_template
+from cogvlm_ray.preprocess.sources import load_image_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class Preprocessor:
+    """Turns one chat request into the token ids and uint8 image the model replica needs."""
+
+    def __init__(
+        self,
+        model_path_or_config: str | os.PathLike | ModelConfig,
+        tokenizer: Any | None = None,
+        options: PreprocessOptions | None = None,
+        *,
+        resolver: Resolver | None = None,
+    ):
+        """`tokenizer` defaults to the checkpoint's `PreTrainedTokenizerFast` (needs a path).
+        `resolver` replaces DNS resolution for http(s) images (tests)."""
+        if isinstance(model_path_or_config, ModelConfig):
+            self.config = model_path_or_config
+            if tokenizer is None:
+                raise ValueError("a tokenizer is required when a ModelConfig is given instead of a path")
+        else:
+            self.config = ModelConfig.from_pretrained(model_path_or_config)
+            if tokenizer is None:
+                from transformers import PreTrainedTokenizerFast
+
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_path_or_config))
+        self.tokenizer = tokenizer
+        self.options = options or PreprocessOptions()
+        self._resolver = resolver
+        self._cache: OrderedDict[str, DecodedImage] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._check_tokenizer()
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    def prepare(
+        self, messages: list[dict[str, Any]], *, max_tokens: int, template_version: str | None = None
+    ) -> PreparedPrompt:
+        """Validate, fetch/decode the image, build ids and check the context window.
+
+        Raises InvalidRequestError (bad messages/template/max_tokens), ImageError (image
+        refused) or PromptTooLongError (prompt + max_tokens > context window).
+        """
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequestError(
+                f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens"
+            )
+        template = resolve_template(template_version, self.config)
+        conversation = parse_messages(messages)
+        image = self._load_single_image(conversation.image_urls)
+        query, history = apply_conversation_rules(
+            conversation, has_image=image is not None, template_version=template
+        )
+        input_ids, token_type_ids = build_prompt_ids(
+            self.tokenizer,
+            self.config,
+            query=query,
+            history=history,
+            has_image=image is not None,
+            template_version=template,
+        )
+        self._check_context(len(input_ids), max_tokens)
+        return PreparedPrompt(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            image=image.pixels if image is not None else None,
+            image_hash=image.image_hash if image is not None else None,
+        )
+
+    def load_image(self, url: str) -> DecodedImage:
+        """Fetch and decode one image URL (cached by the encoded bytes' hash)."""
+        return self._decode(load_image_bytes(url, self.options, resolver=self._resolver))
+
+    def _load_single_image(self, urls: list[str]) -> DecodedImage | None:
+        """One image per conversation: repeats of the same bytes are fine, different ones are not."""
+        if not urls:
+            return None
+        blobs: dict[str, bytes] = {}
+        for url in dict.fromkeys(urls):  # the same URL string is fetched once
+            data = load_image_bytes(url, self.options, resolver=self._resolver)
+            blobs.setdefault(content_hash(data, self.image_size), data)
+        if len(blobs) > 1:
+            raise ImageError(
+                f"CogVLM2 accepts one image per conversation; this request has {len(blobs)} different "
+                "images (repeating the same image in several turns is fine)",
+                code="too_many_images",
+            )
+        ((digest, data),) = blobs.items()
+        return self._decode(data, digest)
+
+    def _decode(self, data: bytes, digest: str | None = None) -> DecodedImage:
+        digest = digest or content_hash(data, self.image_size)
+        with self._cache_lock:
+            cached = self._cache.get(digest)
+            if cached is not None:
+                self._cache.move_to_end(digest)
+                return cached
+        decoded = decode_image(
+            data,
+            image_size=self.image_size,
+            max_pixels=self.options.max_image_pixels,
+            max_bytes=self.options.max_image_bytes,
+            formats=self.options.image_formats,
+            image_hash=digest,
+        )
+        if self.options.image_cache_size:
+            with self._cache_lock:
+                self._cache[digest] = decoded
+                while len(self._cache) > self.options.image_cache_size:
+                    self._cache.popitem(last=False)
+        return decoded
+
+    def _check_context(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        allowed = self.config.max_context_len
+        requested = num_prompt_tokens + max_tokens
+        if requested > allowed:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {allowed} tokens. However, you requested "
+                f"{requested} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion."
+            )
+
+    def _check_tokenizer(self) -> None:
+        """The placeholder id comes from the config; make sure the tokenizer knows it."""
+        placeholder = self.config.image_token_id
+        if not 0 <= placeholder < len(self.tokenizer):
+            raise ValueError(
+                f"image placeholder id {placeholder} (config pad_token_id) is outside the tokenizer's "
+                f"vocabulary of {len(self.tokenizer)}"
+            )
+        if self.tokenizer.bos_token_id is None:
+            logger.warning(
+                "tokenizer has no bos token; using config.bos_token_id=%d", self.config.bos_token_id
+            )

@@ -1,0 +1,128 @@
+"""The ingress's `ChatBackend` over Ray Serve deployment handles.
+
+Data path of one request: the ingress calls `Preprocessor.prepare` and passes the resulting
+`DeploymentResponse` (not its value) straight into `ModelServer.generate`. Ray then moves the
+`PreparedPrompt` (token ids + uint8 numpy image) from the preprocessing replica to the model
+replica through the object store; the ingress never holds the pixels. The ingress stays the
+one place that talks to both deployments, so each can scale on its own (CPU preprocessors,
+GPU model replicas), and a model replica's batch slot is only needed once preprocessing is done.
+
+Also owns: mapping Ray/Serve exceptions to our `errors` classes (queue full -> 429, replica
+gone -> 503, errors raised in a replica -> their own class), and readiness from `serve.status()`
+(cached), so `/health` and requests answer 503 quickly when no model replica runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.errors import CogVLMError, OverloadedError, ServiceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+def to_api_error(error: BaseException) -> BaseException:
+    """Our error class for an exception raised by a Serve handle call (others unchanged)."""
+    from ray import exceptions as ray_exceptions
+    from ray.serve import exceptions as serve_exceptions
+
+    cause: BaseException | None = error
+    for _ in range(8):  # unwrap RayTaskError(cause) chains, e.g. a failed preprocess argument
+        if isinstance(cause, CogVLMError) and not isinstance(cause, ray_exceptions.RayError):
+            return cause
+        nxt = getattr(cause, "cause", None)
+        if nxt is None or nxt is cause:
+            break
+        cause = nxt
+    if isinstance(error, serve_exceptions.BackPressureError):
+        overloaded = OverloadedError("the model queue is full; retry shortly", code="queue_full")
+        overloaded.retry_after_s = 1
+        return overloaded
+    if isinstance(error, serve_exceptions.DeploymentUnavailableError):
+        return ServiceUnavailableError(f"model deployment unavailable: {error}", code="no_replica")
+    if isinstance(error, ray_exceptions.RayActorError | ray_exceptions.ActorUnavailableError):
+        return ServiceUnavailableError("the model replica serving this request died; retry the request",
+                                       code="replica_died")  # fmt: skip
+    return error
+
+
+class RayChatBackend:
+    """`ChatBackend` for `serve/ingress.py`, over the Preprocessor and ModelServer handles."""
+
+    def __init__(
+        self,
+        preprocessor: Any,
+        model: Any,
+        *,
+        app_name: str | None,
+        deployment_names: tuple[str, str],
+        status_cache_s: float = 1.0,
+        fail_fast_without_replicas: bool = True,
+    ):
+        self.preprocessor = preprocessor
+        self.model = model
+        self.app_name = app_name
+        self.deployment_names = deployment_names
+        self.status_cache_s = status_cache_s
+        self.fail_fast_without_replicas = fail_fast_without_replicas
+        self._status: tuple[float, str | None] = (0.0, None)
+
+    async def check_ready(self) -> None:
+        problem = await self._readiness_problem()
+        if problem is not None:
+            raise ServiceUnavailableError(problem, code="no_replica")
+
+    async def generate(
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: SamplingParams,
+        template_version: str | None,
+        request_id: str,
+    ) -> AsyncIterator[RequestOutput]:
+        if self.fail_fast_without_replicas:
+            await self.check_ready()
+        prepared = self.preprocessor.prepare.remote(messages, sampling_params.max_tokens, template_version)
+        response = self.model.options(stream=True).generate.remote(prepared, sampling_params, request_id)
+        try:
+            async for output in response:
+                yield output
+        except Exception as e:
+            mapped = to_api_error(e)
+            if mapped is e:
+                raise
+            raise mapped from None
+        finally:
+            response.cancel()  # no-op when finished; otherwise aborts the request in the engine
+
+    async def _readiness_problem(self) -> str | None:
+        """None when every deployment has a RUNNING replica, else why not (cached briefly)."""
+        checked_at, problem = self._status
+        if time.monotonic() - checked_at < self.status_cache_s:
+            return problem
+        try:
+            problem = await asyncio.to_thread(self._query_status)
+        except Exception:
+            logger.warning("serve.status() failed; assuming the app is ready", exc_info=True)
+            problem = None
+        self._status = (time.monotonic(), problem)
+        return problem
+
+    def _query_status(self) -> str | None:
+        from ray import serve
+
+        applications = serve.status().applications
+        app = applications.get(self.app_name) if self.app_name else next(iter(applications.values()), None)
+        if app is None:
+            return "the application is not deployed"
+        for name in self.deployment_names:
+            deployment = app.deployments.get(name)
+            running = 0 if deployment is None else deployment.replica_states.get("RUNNING", 0)
+            if running == 0:
+                detail = deployment.message if deployment is not None and deployment.message else "starting"
+                return f"no {name} replica is running yet ({detail})"
+        return None

@@ -1,0 +1,66 @@
+"""bench/gpu_check.py on CPU: the full-size build plan (meta device) and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_config_plan_matches_the_published_sizes(gpu_check):
+    """On meta (no memory): 19.5B parameters; a text decode step reads 15.0 GB of bf16 weights."""
+    config = gpu_check.model_config_for("full")
+    with torch.device("meta"):
+        model = gpu_check.CogVLM2ForCausalLM(config)
+    model.to(torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 19_503_105_280  # spec section 14
+    # Llama-3-8B part (8,030,261,248) minus the token embeddings (128256 x 4096), in bf16.
+    assert gpu_check.decode_weight_bytes(model) == (8_030_261_248 - 128_256 * 4096) * 2
+
+
+def test_random_build_is_finite_and_runs_on_cpu(gpu_check):
+    config = gpu_check.model_config_for("tiny")
+    model = gpu_check.build_random_model(config, torch.device("cpu"), torch.float32, seed=0)
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    norm = model.model.layers[0].input_layernorm.weight
+    assert abs(norm.mean().item() - 1.0) < 0.1
+    inv_freq = model.model.layers[0].self_attn.rotary_emb.inv_freq
+    assert torch.equal(inv_freq, gpu_check.rotary_inv_freq(config, inv_freq.dtype))
+    again = gpu_check.build_random_model(config, torch.device("cpu"), torch.float32, seed=0)
+    assert torch.equal(model.lm_head.weight, again.lm_head.weight)  # seeded
+
+
+def test_tiny_cpu_run_reports_every_figure(gpu_check, tmp_path, capsys):
+    out = tmp_path / "gpu_check.json"
+    code = gpu_check.main([
+        "--device", "cpu", "--preset", "tiny", "--batches", "1,4", "--decode-tokens", "6",
+        "--naive-requests", "2", "--image-burst", "2", "--burst-tokens", "3", "--repeats", "1",
+        "--output", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc == json.loads(capsys.readouterr().out)
+    assert set(doc["decode"]) == {"1", "4"}
+    assert doc["decode"]["4"]["output_tokens"] == 4 * 6  # ignore_eos: exactly max_tokens each
+    assert doc["naive_loop"]["output_tokens"] == 2 * 6
+    for key in ("ttft_image_cold_ms", "ttft_image_cached_ms", "batch1_fraction_of_hbm_bound", "kv_cache_gib"):
+        assert math.isfinite(doc[key]) and doc[key] > 0, key
+    burst = doc["image_burst"]
+    assert burst["engine_mean_ttft_ms"] > 0 and burst["naive_mean_ttft_ms"] > 0
+    assert doc["image_prompt_tokens"] == 1 + (56 // 14 // 2) ** 2 + 2 + 32
+    assert doc["memory_end"]["peak_rss_gib"] > 0
