@@ -2,11 +2,12 @@
 
     python bench/preprocess_bench.py [--repeats 15] [--image-size 1344]
 
-Ours:     decode -> convert("RGB") -> bicubic resize -> uint8 [3, S, S] + sha256 content hash
+Ours:     decode -> convert("RGB") -> bicubic resize -> uint8 [3, S, S] + content hash
 Official: decode -> convert("RGB") -> bicubic resize -> float32 /255 -> CLIP normalise [3, S, S]
 Both are timed end to end from the encoded bytes, in CPU time of the one thread (images/s =
-1 / median CPU seconds); "incl. pickle" adds Ray-style serialisation of the result. Before timing, the script checks that
-`normalize_image(ours)` is bit-identical to the official float32 tensor for every input.
+1 / median CPU seconds); "incl. pickle" adds Ray-style serialisation of the result. Before
+timing, the script checks that `normalize_image(ours)` is bit-identical to the official
+float32 tensor for every input, and exits with status 1 if any differs.
 Inputs are synthetic but photo/screenshot-like (gradients, shapes, sensor noise), generated
 with a fixed seed: a 3000x2000 JPEG, a 1024x768 PNG, a 500x300 WebP.
 """
@@ -125,7 +126,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict
     return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in fns}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -147,6 +148,7 @@ def main() -> None:
         "speed-up wall | ours bytes | official bytes | bytes ratio | same pixels |"
     )
     lines = [header, "|" + "---|" * 11]
+    all_same = True
     for name, data in make_inputs().items():
         ours = our_path(data, size)
         official = official_path(data, size)
@@ -170,10 +172,12 @@ def main() -> None:
             f"{wall['official'] / wall['ours']:.2f}x | {ours_bytes:,} | {official_bytes:,} | "
             f"{official_bytes / ours_bytes:.2f}x | {'yes' if same else 'NO'} |"
         )
+        all_same &= same
         if not same:
             logger.error("%s: normalize_image(uint8) differs from the official float32 tensor", name)
     logger.info("\n".join(lines))
+    return 0 if all_same else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

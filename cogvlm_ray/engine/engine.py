@@ -63,6 +63,13 @@ def checkpoint_stop_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
 
 
 class Engine:
+    """Continuous-batching CogVLM2 generation over a paged KV cache (see the module docstring).
+
+    `model` is a loaded `CogVLM2ForCausalLM` (anything with `model_config`, `kv_cache_layout`,
+    `encode_images`, `forward_flat`, `compute_logits`); the KV cache is allocated here, once.
+    Call the public methods from the event-loop thread that runs the engine.
+    """
+
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         config.validate()
@@ -104,7 +111,7 @@ class Engine:
     # ---- public API -----------------------------------------------------------------------
     async def start(self) -> None:
         """Start the background step loop (idempotent)."""
-        if self._loop_task is None:
+        if self._loop_task is None and not self._stopping:
             self._wakeup = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(
                 self._run_loop(), name="cogvlm-engine-loop"
@@ -184,6 +191,8 @@ class Engine:
             await asyncio.sleep(0.01)
         for request_id in list(self.scheduler.requests):
             self.abort(request_id)
+        if self._loop_task is None or self._loop_task.done():
+            self._apply_aborts()  # no loop will get to them
         self._stopping = True
         self._wake()
         if self._loop_task is not None:
@@ -233,9 +242,7 @@ class Engine:
                     await self._wakeup.wait()
                     continue
                 await self.step()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             logger.exception("engine loop died")
             self._dead = exc
             self.outputs.fail_all(EngineDeadError(f"engine loop died: {exc!r}"))

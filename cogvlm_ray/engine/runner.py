@@ -55,6 +55,25 @@ class _PromptState:
         return int(self.positions[-1])
 
 
+@dataclass
+class StepInputs:
+    """The model inputs of one step (flat batch of T new tokens from B sequences)."""
+
+    input_ids: torch.Tensor
+    """int64 [T]."""
+    positions: torch.Tensor
+    """int64 [T]."""
+    vision_expert_mask: torch.Tensor
+    """bool [T]."""
+    image_embeds: torch.Tensor | None
+    """[N_img, H]: the image rows this step's chunks cover, in flat order."""
+    image_token_mask: torch.Tensor | None
+    """bool [T]: where the image rows go."""
+    attn_metadata: AttentionMetadata
+    last_token_rows: torch.Tensor
+    """int64 [B] (host): flat index of each sequence's last new token."""
+
+
 def _input_device(model: Any) -> torch.device:
     """Where token ids go in: the embedding's device (the first device of a sharded model)."""
     device = getattr(model, "embed_device", None)
@@ -104,7 +123,30 @@ class ModelRunner:
         if not scheduled:
             return RunnerOutput()
         self._load_image_features(scheduled)
+        inputs = self._prepare_inputs(scheduled)
+        hidden = self.model.forward_flat(
+            input_ids=inputs.input_ids,
+            positions=inputs.positions,
+            vision_expert_mask=inputs.vision_expert_mask,
+            kv_caches=self.kv_caches,
+            attn_metadata=inputs.attn_metadata,
+            image_embeds=inputs.image_embeds,
+            image_token_mask=inputs.image_token_mask,
+        )  # [T, H]
+        # Logits only for the last token of sequences that now have all their tokens computed.
+        sampling = [(b, item) for b, item in enumerate(scheduled) if item.samples]
+        if not sampling:
+            return RunnerOutput()
+        last_rows = inputs.last_token_rows[[b for b, _ in sampling]].to(hidden.device)
+        logits = self.model.compute_logits(hidden.index_select(0, last_rows))  # [B_sampled, V] float32
+        rows = [self._sampling_row(item.request, logits.device) for _, item in sampling]
+        token_ids = sample(logits, rows)
+        return RunnerOutput(
+            {item.request.request_id: t for (_, item), t in zip(sampling, token_ids, strict=True)}
+        )
 
+    def _prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        """The flat batch: each request's chunk of prompt and/or generated tokens, concatenated."""
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
         expert_masks: list[torch.Tensor] = []
@@ -112,9 +154,9 @@ class ModelRunner:
         image_rows: list[torch.Tensor] = []
         for item in scheduled:
             request, state = item.request, self._state(item.request)
-            start, end, num_prompt = item.num_computed_tokens, item.end, item.request.num_prompt_tokens
+            start, end, num_prompt = item.num_computed_tokens, item.end, request.num_prompt_tokens
             token_ids.extend(request.token_ids(start, end))
-            if start < num_prompt:  # prompt part of the chunk
+            if start < num_prompt:  # prompt part of the chunk: slices of the whole-prompt layout
                 prompt_end = min(end, num_prompt)
                 positions.append(state.positions[start:prompt_end])
                 expert_masks.append(state.vision_expert_mask[start:prompt_end])
@@ -138,35 +180,21 @@ class ModelRunner:
                 image_masks.append(torch.zeros(num_new, dtype=torch.bool))
 
         device = self.device
-        metadata = AttentionMetadata.build(
-            query_lens=[item.num_new_tokens for item in scheduled],
-            context_lens=[item.num_computed_tokens for item in scheduled],
-            block_tables=[item.block_table for item in scheduled],
-            block_size=self.block_size,
-            device=device,
-        )
-        image_mask = torch.cat(image_masks)
-        hidden = self.model.forward_flat(
+        query_lens = [item.num_new_tokens for item in scheduled]
+        return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.long).to(device, non_blocking=True),
             positions=torch.cat(positions).to(device, non_blocking=True),
             vision_expert_mask=torch.cat(expert_masks).to(device, non_blocking=True),
-            kv_caches=self.kv_caches,
-            attn_metadata=metadata,
             image_embeds=torch.cat(image_rows) if image_rows else None,
-            image_token_mask=image_mask.to(device, non_blocking=True) if image_rows else None,
-        )
-
-        # Logits only for the last token of sequences that now have all their tokens computed.
-        sampling = [(b, item) for b, item in enumerate(scheduled) if item.samples]
-        if not sampling:
-            return RunnerOutput()
-        ends = torch.tensor(metadata.query_lens_cpu).cumsum(0) - 1
-        last_rows = ends[[b for b, _ in sampling]].to(hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last_rows))
-        rows = [self._sampling_row(item.request, logits.device) for _, item in sampling]
-        token_ids_out = sample(logits, rows)
-        return RunnerOutput(
-            {item.request.request_id: t for (_, item), t in zip(sampling, token_ids_out, strict=True)}
+            image_token_mask=torch.cat(image_masks).to(device, non_blocking=True) if image_rows else None,
+            attn_metadata=AttentionMetadata.build(
+                query_lens=query_lens,
+                context_lens=[item.num_computed_tokens for item in scheduled],
+                block_tables=[item.block_table for item in scheduled],
+                block_size=self.block_size,
+                device=device,
+            ),
+            last_token_rows=torch.tensor(query_lens).cumsum(0) - 1,
         )
 
     def _sampling_row(self, request: Request, device: torch.device) -> SamplingRow:

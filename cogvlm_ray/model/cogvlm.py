@@ -73,7 +73,8 @@ class CogVLM2ForCausalLM(HFCompatMixin, nn.Module):
         """(device, dtype) of each decoder layer's KV cache: where that layer's weights live."""
         out = []
         for layer in self.model.layers:
-            weight = layer.self_attn.language_expert_query_key_value.weight
+            # The norm, not a projection: quantized projections store uint8 / int8 weights.
+            weight = layer.input_layernorm.weight
             out.append((weight.device, weight.dtype))
         return out
 

@@ -103,6 +103,24 @@ class GenerationCache:
             ]
         return self.block_tables
 
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row i continues row `beam_idx[i]`. Copies KV blocks (beams may share a parent)."""
+        order = beam_idx.tolist()
+        source: list[int] = []
+        tables: list[list[int]] = []
+        for parent in order:
+            tables.append(list(range(len(source), len(source) + len(self.block_tables[parent]))))
+            source.extend(self.block_tables[parent])
+        index = torch.tensor(source, dtype=torch.long)
+        self.kv = [(k[index.to(k.device)], v[index.to(v.device)]) for k, v in self.kv]
+        self.block_tables, self.next_block = tables, len(source)
+        self.num_tokens = [self.num_tokens[p] for p in order]
+        rows = beam_idx.cpu()
+        self.token_type_ids, self.attention_mask = self.token_type_ids[rows], self.attention_mask[rows]
+        self.has_hidden = self.has_hidden[rows]
+        if self.last_hidden is not None:
+            self.last_hidden = self.last_hidden[beam_idx.to(self.last_hidden.device)]
+
     def record(
         self, token_type_ids: torch.Tensor, attention_mask: torch.Tensor, query_lens: list[int]
     ) -> None:
@@ -121,6 +139,28 @@ class HFCompatMixin(GenerationMixin):
             eos_token_id=list(config.eos_token_id),
             pad_token_id=config.pad_token_id,
             do_sample=False,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str,
+        *,
+        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        trust_remote_code: bool | None = None,
+        **kwargs: Any,
+    ) -> CogVLM2ForCausalLM:
+        """`AutoModelForCausalLM.from_pretrained`-style entry point; same as `load_model`.
+
+        `trust_remote_code` is accepted and ignored (nothing remote runs).
+        """
+        from cogvlm_ray.model.loading import load_model
+
+        return load_model(
+            path_or_hub_id, dtype=dtype or torch_dtype, device_map=device_map, max_memory=max_memory, **kwargs
         )
 
     @classmethod
@@ -289,6 +329,26 @@ class HFCompatMixin(GenerationMixin):
         index, known = index[:, -keep:], known[:, -keep:]
         logits = self.compute_logits(table[index.reshape(-1).to(table.device)]).view(batch_size, keep, -1)
         return logits * known[..., None].to(logits.device)  # zeros before a row's first real token
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """transformers repeats tensors for beams / num_return_sequences; `images` is a list, repeat it too."""
+        images = model_kwargs.pop("images", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size,
+            is_encoder_decoder=is_encoder_decoder,
+            input_ids=input_ids,
+            **model_kwargs,
+        )
+        if images is not None:
+            images = [row for row in images for _ in range(expand_size)]
+        model_kwargs["images"] = images
+        return input_ids, model_kwargs
 
     def _update_model_kwargs_for_generation(
         self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any

@@ -20,6 +20,7 @@ from torch import nn
 
 from cogvlm_ray.config import ModelConfig, is_cogvlm2_config
 from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM
+from cogvlm_ray.model.quantization import QuantizationSpec, WeightQuantizer, build_quantizer
 from cogvlm_ray.model.safetensors_io import iter_tensors, read_header
 from cogvlm_ray.model.sharding import DeviceMap, device_for, resolve_device_map
 
@@ -110,19 +111,28 @@ def load_model(
     *,
     exact_rotary_positions: bool | None = None,
     attention_backend: str = "sdpa",
+    quantization: str | QuantizationSpec | None = None,
+    quantize_vision: bool = True,
 ) -> CogVLM2ForCausalLM:
     """Load an official CogVLM2 checkpoint (local dir or hub id) in eval mode.
 
     `device_map`: None (everything on CPU), a device ("cuda:0"), "auto" / "balanced" /
     "balanced_low_0" / "sequential" (accelerate, with optional `max_memory`), or an explicit
     `{module_name: device}` map. `exact_rotary_positions` overrides the config switch.
+    `quantization`: "none" / "bnb-4bit" / "bnb-8bit" / "int8-wo" / "int8-dq" / "fp8" quantizes
+    the Linear layers while loading (`quantization.py`; `quantize_vision=False` keeps the vision
+    tower in float); a checkpoint whose config has a bnb 4-bit `quantization_config` loads as stored.
     """
     directory = resolve_checkpoint_dir(path_or_hub_id)
     config = read_config(directory, exact_rotary_positions)
     target_dtype = resolve_dtype(dtype, config)
     model = build_meta_model(config, attention_backend)
     resolved_map = resolve_device_map(model, device_map, max_memory, target_dtype)
-    load_weights(model, directory, target_dtype, resolved_map)
+    quantizer = build_quantizer(quantization, config.quantization_config, target_dtype, quantize_vision)
+    if quantizer is not None:
+        quantizer.prepare(model, resolved_map.values())
+    load_weights(model, directory, target_dtype, resolved_map, quantizer)
+    model.quantization_spec = quantizer.spec if quantizer is not None else None
     model.hf_device_map = dict(resolved_map)
     generation_file = directory / "generation_config.json"
     if generation_file.is_file():
@@ -143,8 +153,17 @@ def load_model(
 OPTIONAL_KEYS_SUFFIX = ".rotary_emb.inv_freq"
 
 
-def load_weights(model: nn.Module, directory: Path, dtype: torch.dtype, device_map: DeviceMap) -> None:
-    """Read every tensor of the checkpoint into `model` (built on meta), strictly."""
+def load_weights(
+    model: nn.Module,
+    directory: Path,
+    dtype: torch.dtype,
+    device_map: DeviceMap,
+    quantizer: WeightQuantizer | None = None,
+) -> None:
+    """Read every tensor of the checkpoint into `model` (built on meta), strictly.
+
+    Tensors the `quantizer` claims (quantized Linear weights) are checked and consumed by it.
+    """
     expected = dict(model.state_dict(keep_vars=True))
     loaded: set[str] = set()
     for file, listed in weight_files(directory).items():
@@ -155,10 +174,15 @@ def load_weights(model: nn.Module, directory: Path, dtype: torch.dtype, device_m
             if absent:
                 raise CheckpointError(f"{absent[0]!r} is listed in {INDEX_FILE} but missing from {file}")
         for entry in entries:
-            if entry.name not in expected:
-                raise CheckpointError(f"unexpected key {entry.name!r} in {file}")
             if entry.name in loaded:
                 raise CheckpointError(f"duplicate key {entry.name!r} in {file}")
+            if quantizer is not None and quantizer.claims(entry.name, entry.dtype):
+                problem = quantizer.check(entry.name, entry.shape)
+                if problem:
+                    raise CheckpointError(f"{problem} in {file}")
+                continue
+            if entry.name not in expected:
+                raise CheckpointError(f"unexpected key {entry.name!r} in {file}")
             want = tuple(expected[entry.name].shape)
             if entry.shape != want:
                 raise CheckpointError(
@@ -166,9 +190,16 @@ def load_weights(model: nn.Module, directory: Path, dtype: torch.dtype, device_m
                 )
         for entry, tensor in iter_tensors(file, entries):
             device = device_for(entry.name, device_map)
+            if quantizer is not None and quantizer.claims(entry.name, entry.dtype):
+                quantizer.take(entry.name, tensor, device)
+                loaded.add(entry.name)
+                continue
             target = dtype if tensor.is_floating_point() else tensor.dtype
             set_tensor(model, entry.name, tensor.to(device=device, dtype=target))
             loaded.add(entry.name)
+    problem = quantizer.finish() if quantizer is not None else None
+    if problem:
+        raise CheckpointError(f"{problem} in checkpoint {directory}")
     missing = sorted(k for k in set(expected) - loaded if not k.endswith(OPTIONAL_KEYS_SUFFIX))
     if missing:
         raise CheckpointError(

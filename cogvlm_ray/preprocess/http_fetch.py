@@ -78,6 +78,8 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     """HTTPS to a pre-checked IP; SNI and certificate verification use the URL's host name."""
 
+    default_port = 443  # so the Host header omits ":443"
+
     def __init__(self, host: str, port: int, address: str, timeout: float, connect_timeout: float):
         super().__init__(host, port, address, timeout, connect_timeout)
         self._context = ssl.create_default_context()

@@ -20,7 +20,8 @@ class PreprocessOptions:
     max_image_bytes: int = 20 * 1024 * 1024
     """Cap on the encoded image (after base64 decoding / download / file read)."""
     max_image_pixels: int = 40_000_000
-    """Cap on width * height read from the image header, checked before decoding (bombs)."""
+    """Cap on width * height read from the image header, checked before decoding (bombs).
+    Pillow itself refuses anything above 2 * Image.MAX_IMAGE_PIXELS (179 M) regardless."""
     image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
     """Pillow format names accepted; the bytes decide the format, never the media type."""
     image_cache_size: int = 8

@@ -2,8 +2,8 @@
 
 The preprocessing Ray deployment is a thin wrapper around `Preprocessor.prepare`. The call is
 synchronous and CPU-bound (and blocks on I/O when http(s) images are enabled), so an async
-caller should run it in a thread (`asyncio.to_thread`). It is thread-safe: the tokenizer is
-only read and the decoded-image cache is locked.
+caller should run it in a thread (`asyncio.to_thread`). It is thread-safe: tokenisation and
+the decoded-image cache are behind locks; image fetching and decoding run in parallel.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Preprocessor:
         self._resolver = resolver
         self._cache: OrderedDict[str, DecodedImage] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         self._check_tokenizer()
 
     @property
@@ -79,14 +80,17 @@ class Preprocessor:
         query, history = apply_conversation_rules(
             conversation, has_image=image is not None, template_version=template
         )
-        input_ids, token_type_ids = build_prompt_ids(
-            self.tokenizer,
-            self.config,
-            query=query,
-            history=history,
-            has_image=image is not None,
-            template_version=template,
-        )
+        # HF fast tokenizers can raise "Already borrowed" when one instance is used from
+        # several threads at once; tokenising a prompt takes well under a millisecond.
+        with self._tokenizer_lock:
+            input_ids, token_type_ids = build_prompt_ids(
+                self.tokenizer,
+                self.config,
+                query=query,
+                history=history,
+                has_image=image is not None,
+                template_version=template,
+            )
         self._check_context(len(input_ids), max_tokens)
         return PreparedPrompt(
             input_ids=input_ids,

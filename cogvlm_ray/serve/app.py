@@ -183,6 +183,8 @@ class IngressDeployment:
         app_name = serve.get_replica_context().app_name
         self.backend = RayChatBackend(preprocessor, model, app_name=app_name,
                                       deployment_names=(MODEL_SERVER, PREPROCESSOR),
+                                      max_num_seqs=args.engine.max_num_seqs,
+                                      max_queued_requests=args.max_queued_requests,
                                       fail_fast_without_replicas=args.fail_fast_without_replicas)  # fmt: skip
         self.metrics = _metrics(args)
 

@@ -61,6 +61,8 @@ class RayChatBackend:
         *,
         app_name: str | None,
         deployment_names: tuple[str, str],
+        max_num_seqs: int,
+        max_queued_requests: int,
         status_cache_s: float = 1.0,
         fail_fast_without_replicas: bool = True,
     ):
@@ -68,9 +70,25 @@ class RayChatBackend:
         self.model = model
         self.app_name = app_name
         self.deployment_names = deployment_names
+        self.max_num_seqs = max_num_seqs
+        self.max_queued_requests = max_queued_requests
         self.status_cache_s = status_cache_s
         self.fail_fast_without_replicas = fail_fast_without_replicas
-        self._status: tuple[float, str | None] = (0.0, None)
+        self._status: tuple[float, str | None, int] = (0.0, None, 1)
+        self._num_in_flight = 0
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._num_in_flight
+
+    def capacity(self) -> int | None:
+        """Requests this ingress replica admits at once: every running model replica's batch plus
+        the queue bound (None: unbounded). Serve checks `max_queued_requests` only when a call is
+        made, before the preprocessing argument resolves, so a burst would slip past it; counting
+        here, synchronously on the event loop, makes the 429 exact."""
+        if self.max_queued_requests < 0:
+            return None
+        return max(self._status[2], 1) * self.max_num_seqs + self.max_queued_requests
 
     async def check_ready(self) -> None:
         problem = await self._readiness_problem()
@@ -86,43 +104,57 @@ class RayChatBackend:
     ) -> AsyncIterator[RequestOutput]:
         if self.fail_fast_without_replicas:
             await self.check_ready()
-        prepared = self.preprocessor.prepare.remote(messages, sampling_params.max_tokens, template_version)
-        response = self.model.options(stream=True).generate.remote(prepared, sampling_params, request_id)
+        else:
+            await self._readiness_problem()  # refreshes the replica count behind capacity()
+        capacity = self.capacity()
+        if capacity is not None and self._num_in_flight >= capacity:  # no await between check and increment
+            raise OverloadedError(f"the model queue is full ({self._num_in_flight} requests in flight); retry shortly",
+                                  code="queue_full")  # fmt: skip
+        self._num_in_flight += 1
         try:
-            async for output in response:
-                yield output
-        except Exception as e:
-            mapped = to_api_error(e)
-            if mapped is e:
-                raise
-            raise mapped from None
+            prepared = self.preprocessor.prepare.remote(messages, sampling_params.max_tokens, template_version)
+            response = self.model.options(stream=True).generate.remote(prepared, sampling_params, request_id)
+            try:
+                async for output in response:
+                    yield output
+            except Exception as e:
+                mapped = to_api_error(e)
+                if mapped is e:
+                    logger.warning("model call failed with %s: %s", type(e).__name__, e)
+                    raise
+                raise mapped from None
+            finally:
+                response.cancel()  # no-op when finished; otherwise aborts the request in the engine
         finally:
-            response.cancel()  # no-op when finished; otherwise aborts the request in the engine
+            self._num_in_flight -= 1
 
     async def _readiness_problem(self) -> str | None:
         """None when every deployment has a RUNNING replica, else why not (cached briefly)."""
-        checked_at, problem = self._status
+        checked_at, problem, num_model_replicas = self._status
         if time.monotonic() - checked_at < self.status_cache_s:
             return problem
         try:
-            problem = await asyncio.to_thread(self._query_status)
+            problem, num_model_replicas = await asyncio.to_thread(self._query_status)
         except Exception:
             logger.warning("serve.status() failed; assuming the app is ready", exc_info=True)
             problem = None
-        self._status = (time.monotonic(), problem)
+        self._status = (time.monotonic(), problem, num_model_replicas)
         return problem
 
-    def _query_status(self) -> str | None:
+    def _query_status(self) -> tuple[str | None, int]:
+        """(why not ready or None, RUNNING replicas of the first deployment = the model)."""
         from ray import serve
 
         applications = serve.status().applications
         app = applications.get(self.app_name) if self.app_name else next(iter(applications.values()), None)
         if app is None:
-            return "the application is not deployed"
+            return "the application is not deployed", 0
+        running_counts = []
         for name in self.deployment_names:
             deployment = app.deployments.get(name)
             running = 0 if deployment is None else deployment.replica_states.get("RUNNING", 0)
+            running_counts.append(running)
             if running == 0:
                 detail = deployment.message if deployment is not None and deployment.message else "starting"
-                return f"no {name} replica is running yet ({detail})"
-        return None
+                return f"no {name} replica is running yet ({detail})", running_counts[0]
+        return None, running_counts[0]

@@ -215,13 +215,20 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for `GET /metrics`: all processes of the node in multiprocess mode."""
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         if self.multiprocess_dir is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return render_directory(self.multiprocess_dir), CONTENT_TYPE_LATEST
+
+
+def render_directory(multiprocess_dir: str) -> bytes:
+    """The merged exposition of every process that wrote to `multiprocess_dir`."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+    return generate_latest(registry)
 
 
 def _make_ray_metrics() -> dict[str, Any]:

@@ -33,6 +33,7 @@ CHROMIUM_ARGS = [
 ARTIFACT_DIR = Path(__file__).resolve().parents[2] / "artifacts"
 SERVER_START_TIMEOUT_S = 20.0
 EXPECT_TIMEOUT_MS = 30_000
+PLAYWRIGHT_MISSING = "playwright is not installed: pip install playwright (never `playwright install`)"
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +41,7 @@ def browser():
     """One headless Chromium for the whole session; tests open their own pages."""
     if not CHROMIUM_PATH.exists():
         pytest.skip(f"{CHROMIUM_PATH} not found: install Debian's chromium (apt-get install -y chromium)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed: pip install playwright"
-    )
+    sync_api = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING)
     # Generous waits: CI has 2 cores shared with Ray workers; a wait only lasts until its condition holds.
     sync_api.expect.set_options(timeout=EXPECT_TIMEOUT_MS)
     with sync_api.sync_playwright() as playwright:

@@ -11,11 +11,12 @@ import re
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
 
-from tests.browser.conftest import make_test_png, serve_in_thread
+from tests.browser.conftest import PLAYWRIGHT_MISSING, make_test_png, serve_in_thread
 from tests.browser.fake_api import MODEL_ID, FakeApi, create_fake_app
-from tests.browser.playground_page import PlaygroundPage
+
+expect = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING).expect
+from tests.browser.playground_page import PlaygroundPage  # noqa: E402  (needs playwright)
 
 pytestmark = pytest.mark.browser
 
@@ -92,6 +93,7 @@ def test_image_chat_streams_follows_up_and_shows_api_errors(page, png, tmp_path,
             "data:text/plain"
         )
         expect(ui.by_id("question")).to_have_value("What is this?")  # kept for an easy retry
+        expect(ui.page.locator("#transcript > li.user")).to_have_class("user failed")
         ui.screenshot(artifact_dir / "playground-fake-error.png")
 
         # The failed turn left no trace in the history: a new chat with the PNG starts at turn 1.

@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
 
 from cogvlm_ray.errors import ImageError, ServiceUnavailableError
 from cogvlm_ray.serve.ingress import IngressSettings, create_app
-from tests.browser.conftest import make_test_png, serve_in_thread
-from tests.browser.playground_page import PlaygroundPage
+from tests.browser.conftest import PLAYWRIGHT_MISSING, make_test_png, serve_in_thread
 from tests.unit.serve.fakes import FakeBackend
+
+expect = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING).expect
+from tests.browser.playground_page import PlaygroundPage  # noqa: E402  (needs playwright)
 
 pytestmark = pytest.mark.browser
 

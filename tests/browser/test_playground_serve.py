@@ -16,11 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import expect
 
-from tests.browser.conftest import make_test_png
-from tests.browser.playground_page import PlaygroundPage
+from tests.browser.conftest import PLAYWRIGHT_MISSING, make_test_png
 from tests.integration.conftest import API_KEY, free_port, integration_app_args
+
+expect = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING).expect
+from tests.browser.playground_page import PlaygroundPage  # noqa: E402  (needs playwright)
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 

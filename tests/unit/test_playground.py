@@ -81,3 +81,18 @@ def test_every_static_file_ships_in_the_wheel() -> None:
     static = REPO_ROOT / "cogvlm_ray" / "serve" / "static"
     for path in static.iterdir():
         assert any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns), path.name
+
+
+@pytest.mark.parametrize(("playground", "api_key"), [(True, None), (True, "sk-x"), (False, None)])
+def test_ingress_mounts_the_page_only_when_asked(playground: bool, api_key: str | None) -> None:
+    from cogvlm_ray.serve.ingress import IngressSettings, create_app
+    from tests.unit.serve.fakes import FakeBackend
+
+    client = TestClient(create_app(FakeBackend(), IngressSettings(playground=playground, api_key=api_key)))
+    if not playground:
+        assert client.get("/").status_code == 404
+        return
+    assert client.get("/").status_code == 200
+    # The page and its config stay open when /v1/* needs a key; the config says whether it does.
+    assert client.get("/playground/config.json").json() == {"require_api_key": api_key is not None}
+    assert client.get("/v1/models").status_code == (401 if api_key else 200)

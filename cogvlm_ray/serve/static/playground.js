@@ -16,6 +16,7 @@ const state = {
   image: null, // {dataUrl, name, previewUrl}
   history: [], // OpenAI messages of the finished turns
   controller: null, // AbortController of the turn in flight
+  isBusy: false, // a turn is being sent or streamed; further Enter presses are ignored
   chatId: 0, // bumped by "New chat", so a turn aborted by it does not write into the new history
 };
 
@@ -145,9 +146,18 @@ function newChat() {
 
 async function ask() {
   const question = $("question").value.trim();
-  if (!question || state.controller) return;
-  if (!state.model) await loadModel();
+  if (!question || state.isBusy) return;
+  setBusy(true);
+  try {
+    if (!state.model) await loadModel();
+    await runTurn(question);
+  } finally {
+    setBusy(false);
+  }
+}
 
+// One question -> one streamed answer, appended to the transcript and (on success) the history.
+async function runTurn(question) {
   const chatId = state.chatId;
   const isFirstTurn = state.history.length === 0;
   const withImage = isFirstTurn && state.image !== null;
@@ -172,14 +182,17 @@ async function ask() {
   const asked = addUserBubble(question, withImage ? state.image.previewUrl : null);
   $("question").value = "";
   const answer = addAssistantBubble();
-  setBusy(true);
   try {
     const result = await streamCompletion(body, (text) => (answer.text.textContent = text));
     answer.item.classList.remove("streaming");
     answer.meta.textContent = formatStats(result);
     answer.meta.title = "TTFT: request sent -> first token. tok/s: (tokens - 1) / (first -> last token).";
     // A stopped answer is kept too: the user saw it, so the next turn should build on it.
-    if (chatId === state.chatId) state.history.push(userMessage, { role: "assistant", content: result.text });
+    if (chatId === state.chatId && result.text) {
+      state.history.push(userMessage, { role: "assistant", content: result.text });
+    } else {
+      asked.classList.add("failed"); // nothing came back: the question is not part of the conversation
+    }
   } catch (err) {
     asked.classList.add("failed"); // shown, but not part of the conversation any more
     answer.item.className = "assistant error";
@@ -187,8 +200,6 @@ async function ask() {
     answer.text.textContent = err.message;
     if (!$("question").value) $("question").value = question; // easy retry; this turn is dropped
     if (/^401\b/.test(err.message) && state.requireApiKey) $("api-key").focus();
-  } finally {
-    setBusy(false);
   }
 }
 
@@ -332,6 +343,7 @@ function notice(message, isError = false) {
 }
 
 function setBusy(isBusy) {
+  state.isBusy = isBusy;
   $("send").disabled = isBusy;
   $("stop").hidden = !isBusy;
   document.body.dataset.busy = String(isBusy);

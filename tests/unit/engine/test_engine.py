@@ -13,7 +13,13 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from cogvlm_ray.engine import Engine, EngineConfig, SamplingParams
-from cogvlm_ray.errors import EngineDeadError, InvalidRequestError, OverloadedError, PromptTooLongError
+from cogvlm_ray.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    OverloadedError,
+    PromptTooLongError,
+    ServiceUnavailableError,
+)
 from cogvlm_ray.model import load_model
 from cogvlm_ray.preprocess.images import normalize_image
 from tests.unit.engine.fixture_prompts import CASES, load_case, text_prompt
@@ -96,25 +102,39 @@ def _workload(cases, tokenizer):
     ]
 
 
-def test_continuous_batching_equals_one_at_a_time(model, tokenizer, cases):
-    workload = _workload(cases, tokenizer)
+@pytest.fixture(scope="module")
+def one_at_a_time(model, tokenizer, cases):
+    """Reference: each workload request alone, no caches."""
 
-    async def sequential():
+    async def main():
         engine = make_engine(model, tokenizer, image_cache_bytes=0, enable_prefix_caching=False)
         out = {}
-        for rid, prompt, max_tokens in workload:
-            out[rid] = (
-                await collect(
-                    engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), rid)
-                )
-            )[0]
+        for rid, prompt, max_tokens in _workload(cases, tokenizer):
+            stream = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), rid)
+            out[rid] = (await collect(stream))[0]
         await engine.shutdown()
         return out
 
+    return run(main())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # Chunks of at most 16 tokens: long prompts are prefilled over several steps.
+        dict(max_num_batched_tokens=16, max_num_seqs=4),
+        # Chunks of 1-5 tokens: the 6-position image spans are split across steps.
+        dict(max_num_batched_tokens=5, max_num_seqs=3),
+        dict(max_num_batched_tokens=64, max_num_seqs=4, enable_chunked_prefill=False),
+    ],
+    ids=["chunk16", "chunk5-splits-images", "no-chunking"],
+)
+def test_continuous_batching_equals_one_at_a_time(model, tokenizer, cases, one_at_a_time, config):
+    workload = _workload(cases, tokenizer)
+
     async def staggered():
-        # A small token budget forces chunked prefill through the image spans; new requests
-        # arrive while earlier ones are mid-decode (after the previous one's 2nd delta).
-        engine = make_engine(model, tokenizer, max_num_batched_tokens=16, max_num_seqs=4)
+        # New requests arrive while earlier ones are mid-decode (after the previous one's 2nd delta).
+        engine = make_engine(model, tokenizer, **config)
         tasks = {}
         for rid, prompt, max_tokens in workload:
             stream = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, **GREEDY), rid)
@@ -130,11 +150,10 @@ def test_continuous_batching_equals_one_at_a_time(model, tokenizer, cases):
         await engine.shutdown()
         return out, stats
 
-    alone = run(sequential())
     batched, stats = run(staggered())
-    assert batched == alone
-    assert stats.num_steps < sum(len(v) for v in alone.values()), "requests really shared steps"
-    assert alone["chat"] == cases["chat_image"][1][:11]
+    assert batched == one_at_a_time
+    assert stats.num_steps < sum(len(v) for v in one_at_a_time.values()), "requests really shared steps"
+    assert one_at_a_time["chat"] == cases["chat_image"][1][:11]
 
 
 def test_same_seed_same_output_regardless_of_batch_company(model, tokenizer, cases):
@@ -414,3 +433,25 @@ def test_forward_runs_off_the_event_loop_and_a_dead_loop_is_reported(model, toke
         await engine.shutdown(timeout_s=0.1)
 
     run(main())
+
+
+def test_shutdown_finishes_running_requests_then_refuses_new_ones(model, tokenizer, cases):
+    prompt = cases["text_only_chat"][0]
+
+    async def main():
+        engine = make_engine(model, tokenizer)
+        running = engine.add_request(prompt, SamplingParams(max_tokens=6, **GREEDY), "running")
+        head = await anext(running)
+        never_started = make_engine(model, tokenizer)
+        orphan = never_started.add_request(prompt, SamplingParams(max_tokens=6, **GREEDY), "orphan")
+        await asyncio.gather(engine.shutdown(timeout_s=30), never_started.shutdown(timeout_s=0))
+        rest = [o async for o in running]
+        with pytest.raises(ServiceUnavailableError):
+            engine.add_request(prompt, SamplingParams(), "late")
+        orphaned = [o async for o in orphan]
+        return head, rest, orphaned
+
+    head, rest, orphaned = run(main())
+    assert rest[-1].finish_reason == "length" and rest[-1].num_generated_tokens == 6
+    assert head.finish_reason is None
+    assert [o.finish_reason for o in orphaned] == ["abort"]

@@ -22,6 +22,11 @@ _NUMBER = re.compile(r"(?<![A-Za-z0-9_:])[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 _IDENTIFIER = re.compile(r"(?<![A-Za-z0-9_:.])([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?")
 
 
+def without_strings(expr: str) -> str:
+    """`expr` with every string literal emptied (so brackets inside label values do not count)."""
+    return _STRING.sub('""', expr)
+
+
 def matchers(expr: str) -> list[tuple[str, str, str]]:
     """(label, operator, value) of every label matcher in `{...}` selectors."""
     out: list[tuple[str, str, str]] = []

@@ -108,6 +108,19 @@ def test_ray_builtin_names_are_read_from_ray() -> None:
 
 
 @pytest.mark.parametrize("where, expr", ALL_EXPRESSIONS, ids=[w for w, _ in ALL_EXPRESSIONS])
+def test_expression_brackets_balance(where: str, expr: str) -> None:
+    """A cheap syntax guard: (), [] and {} nest properly outside string literals."""
+    stack: list[str] = []
+    pairs = {")": "(", "]": "[", "}": "{"}
+    for char in promql.without_strings(expr):
+        if char in "([{":
+            stack.append(char)
+        elif char in pairs:
+            assert stack and stack.pop() == pairs[char], f"{where}: unbalanced {char!r} in {expr!r}"
+    assert not stack, f"{where}: unclosed {stack} in {expr!r}"
+
+
+@pytest.mark.parametrize("where, expr", ALL_EXPRESSIONS, ids=[w for w, _ in ALL_EXPRESSIONS])
 def test_expression_uses_only_exported_metrics(where: str, expr: str) -> None:
     names = promql.metric_names(expr)
     assert names, f"{where}: no metric in {expr!r}"

@@ -180,14 +180,14 @@ def test_api_key_reaches_every_ray_pod(embedded, groups) -> None:
 
 
 def test_deployment_names_exist_in_the_app(embedded) -> None:
-    """Settings under `deployments:` apply by name; a misspelt name would be rejected by Serve
-    at deploy time, so check the names against what build_app binds."""
-    names = {d["name"] for d in deployments(embedded)}
-    source = (REPO_ROOT / "cogvlm_ray" / "serve" / "app.py").read_text(encoding="utf-8")
-    for name in names:
-        assert re.search(rf"\b{re.escape(name)}\b", source), (
-            f"deployment {name!r} is not defined in serve/app.py"
-        )
+    """Settings under `deployments:` apply by name; a misspelt name would fail the deploy, so
+    check the names against the deployments serve/app.py defines."""
+    from ray import serve
+
+    from cogvlm_ray.serve import app as app_module
+
+    defined = {obj.name for obj in vars(app_module).values() if isinstance(obj, serve.Deployment)}
+    assert {d["name"] for d in deployments(embedded)} <= defined
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,3 +433,21 @@ def test_download_job_fetches_the_served_model(embedded) -> None:
         for g in ray_groups(the_rayservice())
     }
     assert set(ray_hf_home.values()) == {env["HF_HOME"]}
+
+
+def test_operator_level_rules(rayservice, groups) -> None:
+    """Rules KubeRay enforces in the operator rather than in the CRD schema."""
+    assert rayservice["spec"]["upgradeStrategy"]["type"] in {
+        "NewCluster",
+        "None",
+        "NewClusterWithIncrementalUpgrade",
+    }
+    names = [g.name for g in groups.values() if not g.is_head]
+    assert len(names) == len(set(names)) and all(
+        re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", n) for n in names
+    )
+    for group in groups.values():
+        assert group.ray_container["image"] and group.pod_spec["containers"][0] is group.ray_container
+        assert all(isinstance(v, str) for v in group.rayStartParams.values()), (
+            f"{group.name}: rayStartParams are strings"
+        )

@@ -70,6 +70,13 @@ def test_quickstart_flow_gives_official_greedy_tokens(tokenizer, cases_json: dic
         assert isinstance(text, str)
 
 
+def test_from_pretrained_is_load_model() -> None:
+    model = CogVLM2ForCausalLM.from_pretrained(
+        str(FIXTURE_DIR), torch_dtype=torch.bfloat16, trust_remote_code=True
+    )
+    assert model.dtype == torch.bfloat16 and not model.training
+
+
 def test_generate_with_sampling_flag_and_stop_ids(tiny_model: CogVLM2ForCausalLM) -> None:
     case = load_case("text_only_chat")
     inputs = {
@@ -132,3 +139,34 @@ def test_pad_columns_repeat_the_rows_last_real_logits(tiny_model: CogVLM2ForCaus
     last_only = tiny_model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
     assert last_only.shape == (1, 1, logits.shape[-1])
     torch.testing.assert_close(last_only[0, 0], logits[-3])
+
+
+def test_beam_search_scores_match_a_full_recompute(tiny_model: CogVLM2ForCausalLM) -> None:
+    """Beam search reorders the cache every step; the returned sequence scores must equal the
+    log-probabilities of the returned sequences recomputed without any cache."""
+    case = load_case("chat_image")
+    length = case["input_ids"].shape[0]
+    out = tiny_model.generate(
+        input_ids=case["input_ids"][None],
+        token_type_ids=case["token_type_ids"][None],
+        attention_mask=case["attention_mask"][None],
+        images=[[case["pixel_values"]]],
+        max_new_tokens=6,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=514,
+        eos_token_id=[513],
+        length_penalty=0.0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert out.sequences.shape == (2, length + 6)
+    for sequence, score in zip(out.sequences, out.sequences_scores, strict=True):
+        types = torch.cat([case["token_type_ids"], torch.zeros(6, dtype=torch.long)])
+        logits = tiny_model(
+            input_ids=sequence[None], token_type_ids=types[None], images=[[case["pixel_values"]]]
+        ).logits[0]
+        logprobs = torch.log_softmax(logits[length - 1 : -1], dim=-1)
+        total = logprobs.gather(1, sequence[length:, None]).sum()
+        torch.testing.assert_close(total, score, atol=1e-3, rtol=1e-4)

@@ -180,3 +180,49 @@ def test_host_allow_list_matching():
     assert host_is_allowed("Example.COM.", ("example.com",))
     assert not host_is_allowed("example.com", ())
     assert host_is_allowed("anything.test", ("*",))
+
+
+def test_https_with_untrusted_certificate_is_refused(tmp_path):
+    """A real TLS handshake (SNI = URL host) against a self-signed server: verification fails."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI to make a throwaway certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=images.test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://images.test:{httpd.server_address[1]}/img.png"
+        with pytest.raises(
+            ImageError, match="TLS error.*CERTIFICATE_VERIFY_FAILED|TLS error.*certificate verify failed"
+        ):
+            fetch_http_image(url, _opts(), resolver=LOCAL)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -132,3 +132,17 @@ def test_float_mode_is_refused():
     image = Image.fromarray(np.ones((8, 8), dtype=np.float32))
     with pytest.raises(ImageError, match="unsupported pixel mode 'F'"):
         decode_image(encode_image(image, "TIFF"), image_size=8, max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_normalize_on_cuda_is_bit_identical_to_official_cpu():
+    rgb = noise_image(300, 200, seed=9)
+    pixels = resize_to_uint8(rgb, 1344)
+    on_gpu = normalize_image(pixels, device="cuda")
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), official_pixel_values(rgb, 1344))
+    assert torch.equal(
+        normalize_image(pixels, device="cuda", dtype=torch.bfloat16).cpu(),
+        official_pixel_values(rgb, 1344).to(torch.bfloat16),
+    )

@@ -1,0 +1,92 @@
+"""AppArgs, build_app and the shipped Serve configs (no cluster needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from cogvlm_ray.serve.app import INGRESS, MODEL_SERVER, PREPROCESSOR, AppArgs, build_app, parse_args
+from cogvlm_ray.serve.factories import NoGPUError, device_map_for
+
+REPO = Path(__file__).resolve().parents[3]
+CONFIGS = ["serve_config.yaml", "serve_config.local.yaml"]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_validate_against_serve_schema_and_app_args(name: str):
+    config = load(name)
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "cogvlm_ray.serve.app:build_app"
+    args = AppArgs.model_validate(app["args"])
+    assert {d["name"] for d in app["deployments"]} == {PREPROCESSOR, MODEL_SERVER, INGRESS}
+    model = next(d for d in app["deployments"] if d["name"] == MODEL_SERVER)
+    assert "max_ongoing_requests" not in model and "max_queued_requests" not in model, "set by build_app from args"
+    assert model.get("graceful_shutdown_timeout_s", 0) >= args.shutdown_timeout_s
+
+
+def test_production_config_is_the_real_model_on_gpus():
+    config = load("serve_config.yaml")
+    (app,) = config["applications"]
+    args = AppArgs.model_validate(app["args"])
+    assert (args.model, args.dtype, args.device) == ("THUDM/cogvlm2-llama3-chat-19B", "bfloat16", "cuda")
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert deployments[MODEL_SERVER]["ray_actor_options"]["num_gpus"] >= 1
+    assert deployments[MODEL_SERVER]["autoscaling_config"]["max_replicas"] > 1
+    for name in (PREPROCESSOR, INGRESS):
+        assert "num_gpus" not in deployments[name]["ray_actor_options"]
+        assert "autoscaling_config" in deployments[name]
+
+
+def test_local_config_fits_two_cores_with_random_weights_labelled():
+    text = (REPO / "serve_config.local.yaml").read_text()
+    assert "RANDOM WEIGHTS" in text
+    (app,) = yaml.safe_load(text)["applications"]
+    assert app["args"]["model"].startswith("tiny-random") and app["args"]["device"] == "cpu"
+    cpus = [d["ray_actor_options"]["num_cpus"] * d.get("num_replicas", 1) for d in app["deployments"]]
+    assert sum(cpus) <= 1.5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{"modle": "x"}, {"dtype": "int3"}, {"engine": {"max_num_seqs": 0}}, {"engine": {"batch": 4}},
+     {"preprocess": {"allow_ftp": True}}, {"request_timeout_s": -1}],
+)  # fmt: skip
+def test_bad_args_fail_with_a_clear_message(args):
+    with pytest.raises(ValueError, match="invalid cogvlm_ray app args"):
+        parse_args(args)
+
+
+def test_build_app_binds_three_deployments_with_engine_sized_model_options(tmp_path: Path):
+    app = build_app({"model": "tiny-random", "engine": {"max_num_seqs": 6}, "max_queued_requests": 9,
+                     "metrics_dir": str(tmp_path / "prom")})  # fmt: skip
+    ingress = app._bound_deployment
+    assert ingress.name == INGRESS
+    _, preprocessor, model = (getattr(a, "_bound_deployment", a) for a in ingress.init_args)
+    assert preprocessor.name == PREPROCESSOR
+    assert model.name == MODEL_SERVER
+    assert model.max_ongoing_requests == 6
+    assert model.max_queued_requests == 9
+    assert (tmp_path / "prom").is_dir()
+
+
+def test_served_model_name_defaults_to_the_checkpoint_name():
+    assert AppArgs().model_name == "cogvlm2-llama3-chat-19B"
+    assert AppArgs(model="/models/x/", served_model_name=None).model_name == "x"
+    assert AppArgs(served_model_name="mine").model_name == "mine"
+
+
+def test_device_map_follows_the_gpus_ray_assigned():
+    assert device_map_for("cpu", 4) is None
+    assert device_map_for("auto", 0) is None
+    assert device_map_for("auto", 1) == "cuda:0"
+    assert device_map_for("cuda", 2) == "balanced"
+    with pytest.raises(NoGPUError, match="num_gpus"):
+        device_map_for("cuda", 0)
