@@ -129,7 +129,7 @@ def image_prompt(config: ModelConfig, num_text_tokens: int, rng: np.random.Gener
 
 
 # ---- engine runs ----------------------------------------------------------------------------
-class Runner:
+class EngineClient:
     """Sends prepared prompts through one engine and collects each request's outputs."""
 
     def __init__(self, engine: Engine):
@@ -167,8 +167,8 @@ class NaiveLoop:
         self.device = layout[0][0]
 
     @torch.inference_mode()
-    def generate(self, prompt: PreparedPrompt, max_tokens: int) -> tuple[float, float]:
-        """(TTFT, total) seconds for one request generating exactly `max_tokens` tokens."""
+    def generate(self, prompt: PreparedPrompt, max_tokens: int) -> tuple[float, float, list[int]]:
+        """(TTFT s, total s, token ids) for one request generating exactly `max_tokens` tokens."""
         model, device, table, block = self.model, self.device, self.table, self.block_size
         start = time.perf_counter()
         types = torch.tensor(prompt.token_type_ids)
@@ -184,17 +184,17 @@ class NaiveLoop:
             AttentionMetadata.build([length], [0], [table], block, device=device),
             image_embeds=image_embeds, image_token_mask=image_mask,
         )  # fmt: skip
-        token = int(model.compute_logits(hidden[-1:]).argmax(-1))
+        tokens = [int(model.compute_logits(hidden[-1:]).argmax(-1))]
         ttft = time.perf_counter() - start
         last_position = int(positions[-1])
         for step in range(1, max_tokens):
             hidden = model.forward_flat(
-                torch.tensor([token], device=device), torch.tensor([last_position + step], device=device),
+                torch.tensor([tokens[-1]], device=device), torch.tensor([last_position + step], device=device),
                 torch.zeros(1, dtype=torch.bool, device=device), self.caches,
                 AttentionMetadata.build([1], [length + step - 1], [table], block, device=device),
             )  # fmt: skip
-            token = int(model.compute_logits(hidden).argmax(-1))
-        return ttft, time.perf_counter() - start
+            tokens.append(int(model.compute_logits(hidden).argmax(-1)))
+        return ttft, time.perf_counter() - start, tokens
 
 
 def ttft_s(outputs: list[RequestOutput], since: float | None = None) -> float:
@@ -233,7 +233,7 @@ async def measure(
         max_kv_tokens=args.max_kv_tokens,
     )
     engine = Engine(model, tokenizer, engine_config)
-    runner = Runner(engine)
+    runner = EngineClient(engine)
     out: dict[str, Any] = {
         "engine_config": engine_config.__dict__,
         "kv_capacity_tokens": engine.kv_capacity_tokens,
@@ -263,7 +263,7 @@ async def measure(
         )
         naive_ttfts, elapsed = [], 0.0
         for prompt in burst[args.image_burst :]:  # request k waits for the k-1 before it
-            ttft, total = naive_loop.generate(prompt, args.burst_tokens)
+            ttft, total, _ = naive_loop.generate(prompt, args.burst_tokens)
             naive_ttfts.append(elapsed + ttft)
             elapsed += total
         out["image_burst"] = {

@@ -45,21 +45,41 @@ def check_supported(request: ChatCompletionRequest) -> None:
         (request.n is not None and request.n != 1, "n", "n > 1 is not supported; send n separate requests"),
         (bool(request.logprobs), "logprobs", "logprobs are not supported"),
         (request.top_logprobs is not None, "top_logprobs", "top_logprobs are not supported"),
-        (bool(request.presence_penalty), "presence_penalty",
-         "presence_penalty is not supported; use repetition_penalty"),
-        (bool(request.frequency_penalty), "frequency_penalty",
-         "frequency_penalty is not supported; use repetition_penalty"),
+        (
+            bool(request.presence_penalty),
+            "presence_penalty",
+            "presence_penalty is not supported; use repetition_penalty",
+        ),
+        (
+            bool(request.frequency_penalty),
+            "frequency_penalty",
+            "frequency_penalty is not supported; use repetition_penalty",
+        ),
         (bool(request.logit_bias), "logit_bias", "logit_bias is not supported"),
         (bool(request.tools) or bool(request.functions), "tools", "tool / function calling is not supported"),
-        (request.tool_choice not in (None, "none"), "tool_choice", "tool / function calling is not supported"),
+        (
+            request.tool_choice not in (None, "none"),
+            "tool_choice",
+            "tool / function calling is not supported",
+        ),
         (request.function_call not in (None, "none"), "function_call", "function calling is not supported"),
-        (request.response_format is not None and request.response_format.type != "text", "response_format",
-         "only response_format type 'text' is supported"),
-        (request.stream_options is not None and not request.stream, "stream_options",
-         "stream_options is only allowed together with stream=true"),
-        (request.max_tokens is not None and request.max_completion_tokens is not None
-         and request.max_tokens != request.max_completion_tokens, "max_completion_tokens",
-         "max_tokens and max_completion_tokens disagree; send one of them"),
+        (
+            request.response_format is not None and request.response_format.type != "text",
+            "response_format",
+            "only response_format type 'text' is supported",
+        ),
+        (
+            request.stream_options is not None and not request.stream,
+            "stream_options",
+            "stream_options is only allowed together with stream=true",
+        ),
+        (
+            request.max_tokens is not None
+            and request.max_completion_tokens is not None
+            and request.max_tokens != request.max_completion_tokens,
+            "max_completion_tokens",
+            "max_tokens and max_completion_tokens disagree; send one of them",
+        ),
     ]
     for refused, param, message in refusals:
         if refused:

@@ -101,7 +101,9 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     stop: Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)] | StopStrings | None = None
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    stop_token_ids: (
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None
+    ) = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None

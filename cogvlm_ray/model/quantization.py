@@ -62,6 +62,7 @@ class QuantizationSpec:
     def parse(cls, value: str | QuantizationSpec, quantize_vision: bool = True) -> QuantizationSpec:
         """A method name (or a spec) plus the vision switch -> a validated spec."""
         spec = value if isinstance(value, QuantizationSpec) else cls(method=str(value).strip().lower())
+        spec = replace(spec, prequantized=False)  # a request quantizes float weights on the fly
         if not quantize_vision and VISION_PREFIX not in spec.skip_modules:
             spec = replace(spec, skip_modules=(*spec.skip_modules, VISION_PREFIX))
         spec.validate()

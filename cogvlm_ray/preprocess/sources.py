@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
 import stat
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
@@ -19,8 +18,7 @@ from cogvlm_ray.errors import ImageError
 from cogvlm_ray.preprocess.http_fetch import Resolver, fetch_http_image
 from cogvlm_ray.preprocess.options import PreprocessOptions
 
-_WHITESPACE = re.compile(rb"\s+")
-_BASE64_CHARS = re.compile(rb"^[A-Za-z0-9+/_-]*={0,2}$")
+_WHITESPACE = b" \t\r\n\x0b\x0c"
 
 
 def load_image_bytes(url: str, options: PreprocessOptions, *, resolver: Resolver | None = None) -> bytes:
@@ -51,7 +49,8 @@ def decode_data_url(url: str, *, max_bytes: int) -> bytes:
         if len(data) > max_bytes:
             raise ImageError(f"image is {len(data)} bytes, more than the limit of {max_bytes} bytes")
         return data
-    raw = _WHITESPACE.sub(b"", payload.encode("ascii", errors="replace"))
+    # Line-wrapped (MIME) base64 is common; bytes.translate strips it ~10x faster than a regex.
+    raw = payload.encode("ascii", errors="replace").translate(None, _WHITESPACE)
     # Refuse before decoding: 4 base64 characters carry 3 bytes.
     if len(raw) // 4 * 3 > max_bytes + 3:
         raise ImageError(
@@ -59,8 +58,6 @@ def decode_data_url(url: str, *, max_bytes: int) -> bytes:
         )
     if not raw:
         raise ImageError("data URL has no data (empty image)")
-    if not _BASE64_CHARS.match(raw):
-        raise ImageError("data URL is not valid base64 (unexpected characters)")
     raw += b"=" * (-len(raw) % 4)  # tolerate missing padding
     try:
         altchars = b"-_" if (b"-" in raw or b"_" in raw) else None

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cogvlm_ray.api.chat import ChatDefaults
 from cogvlm_ray.serve.backend import RayChatBackend
@@ -68,6 +69,19 @@ class PreprocessArgs(_Args):
     local_files_dir: str | None = None
 
 
+class RoutingArgs(_Args):
+    """How ingress replicas pick a ModelServer replica (see docs/routing.md)."""
+
+    policy: Literal["image_affinity", "power_of_two"] = "image_affinity"
+    """image_affinity: requests about one image go to the replica caching it (`serve/router.py`);
+    power_of_two: Serve's default router."""
+    max_load_imbalance: int = Field(4, ge=0)
+    """Leave an image's home replica when it has more than this many ongoing requests above the
+    least loaded replica."""
+    max_affinity_candidates: int = Field(2, ge=1)
+    """Rendezvous choices to try (home, second choice, ...) before load-based choice."""
+
+
 class AppArgs(_Args):
     """`args:` of the Serve config. Every field is documented in docs/serving.md."""
 
@@ -103,6 +117,7 @@ class AppArgs(_Args):
     """Answer 503 at once when no model replica is RUNNING (set false if min_replicas is 0)."""
     playground: bool = False
     """Serve the browser playground at `/`."""
+    routing: RoutingArgs = RoutingArgs()
 
     @property
     def model_name(self) -> str:
@@ -129,7 +144,9 @@ class PreprocessorDeployment:
         args = AppArgs.model_validate(raw_args)
         self.server = PreprocessServer(make_preprocessor(args, _model_dir(args)), metrics=_metrics(args))
 
-    async def prepare(self, messages: list[dict[str, Any]], max_tokens: int, template_version: str | None) -> Any:
+    async def prepare(
+        self, messages: list[dict[str, Any]], max_tokens: int, template_version: str | None
+    ) -> Any:
         return await self.server.prepare(messages, max_tokens, template_version)
 
 
@@ -147,12 +164,19 @@ class ModelDeployment:
                                   shutdown_timeout_s=args.shutdown_timeout_s)  # fmt: skip
         await self.server.start()
 
-    async def generate(self, prepared: Any, sampling_params: Any, request_id: str) -> Any:
+    async def generate(
+        self, prepared: Any, sampling_params: Any, request_id: str, affinity_key: str | None = None
+    ) -> Any:
+        # `affinity_key` is read by the request router (serve/router.py) in the caller, not here.
         async for output in self.server.generate(prepared, sampling_params, request_id):
             yield output
 
     def get_stats(self) -> Any:
         return self.server.get_stats()
+
+    def get_replica_stats(self) -> tuple[str, Any]:
+        """(this replica's id, its EngineStats): lets tests and benchmarks tell replicas apart."""
+        return serve.get_replica_context().replica_id.unique_id, self.server.get_stats()
 
     def check_health(self) -> None:
         self.server.check_health()
@@ -176,8 +200,11 @@ class IngressDeployment:
             api_key=api_key,
             max_request_bytes=args.max_request_bytes,
             request_timeout_s=args.request_timeout_s,
-            defaults=ChatDefaults(max_tokens=args.default_max_tokens, temperature=args.default_temperature,
-                                  top_p=args.default_top_p),  # fmt: skip
+            defaults=ChatDefaults(
+                max_tokens=args.default_max_tokens,
+                temperature=args.default_temperature,
+                top_p=args.default_top_p,
+            ),  # fmt: skip
             playground=args.playground,
         )
         app_name = serve.get_replica_context().app_name
@@ -199,7 +226,9 @@ def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
     try:
         return AppArgs.model_validate(args or {})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'args'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'args'}: {err['msg']}" for err in e.errors()
+        )
         raise ValueError(f"invalid cogvlm_ray app args: {problems}") from None
 
 
@@ -209,18 +238,39 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     _prepare_metrics_dir(app_args)
     _check_gpus(app_args)
     raw = app_args.model_dump(mode="json")
-    env = {"env_vars": {METRICS_DIR_ENV: os.environ.get(METRICS_DIR_ENV, os.path.expanduser(app_args.metrics_dir))}}
-    preprocessor = PreprocessorDeployment.options(
-        ray_actor_options={"num_cpus": 1, "runtime_env": env}
-    ).bind(raw)
+    env = {
+        "env_vars": {
+            METRICS_DIR_ENV: os.environ.get(METRICS_DIR_ENV, os.path.expanduser(app_args.metrics_dir))
+        }
+    }
+    preprocessor = PreprocessorDeployment.options(ray_actor_options={"num_cpus": 1, "runtime_env": env}).bind(
+        raw
+    )
     model = ModelDeployment.options(
         max_ongoing_requests=app_args.engine.max_num_seqs,
         max_queued_requests=app_args.max_queued_requests,
         ray_actor_options={"num_cpus": 1, "runtime_env": env},
         graceful_shutdown_timeout_s=app_args.shutdown_timeout_s + 5,
+        request_router_config=_request_router_config(app_args),
     ).bind(raw)
     return IngressDeployment.options(ray_actor_options={"num_cpus": 1, "runtime_env": env}).bind(
         raw, preprocessor, model
+    )
+
+
+def _request_router_config(args: AppArgs) -> RequestRouterConfig:
+    """ModelServer routing: the image-affinity router (serve/router.py) or Serve's default."""
+    if args.routing.policy == "power_of_two":
+        return RequestRouterConfig()
+    metrics_dir = os.environ.get(METRICS_DIR_ENV, os.path.expanduser(args.metrics_dir))
+    return RequestRouterConfig(
+        request_router_class="cogvlm_ray.serve.router:ImageAffinityRouter",
+        request_router_kwargs={
+            "max_load_imbalance": args.routing.max_load_imbalance,
+            "max_affinity_candidates": args.routing.max_affinity_candidates,
+            "metrics_dir": metrics_dir,
+            "ray_metrics": args.ray_metrics,
+        },
     )
 
 

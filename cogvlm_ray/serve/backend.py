@@ -22,6 +22,7 @@ from typing import Any
 
 from cogvlm_ray.engine.request import RequestOutput, SamplingParams
 from cogvlm_ray.errors import CogVLMError, OverloadedError, ServiceUnavailableError
+from cogvlm_ray.serve.affinity import image_affinity_key
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,14 @@ class RayChatBackend:
                                   code="queue_full")  # fmt: skip
         self._num_in_flight += 1
         try:
-            prepared = self.preprocessor.prepare.remote(messages, sampling_params.max_tokens, template_version)
-            response = self.model.options(stream=True).generate.remote(prepared, sampling_params, request_id)
+            prepared = self.preprocessor.prepare.remote(
+                messages, sampling_params.max_tokens, template_version
+            )
+            # The image key rides along as a kwarg so the ModelServer's request router can send
+            # follow-up turns about one image to the replica that cached it (serve/router.py).
+            response = self.model.options(stream=True).generate.remote(
+                prepared, sampling_params, request_id, affinity_key=image_affinity_key(messages)
+            )
             try:
                 async for output in response:
                     yield output

@@ -46,7 +46,13 @@ def load_engine(args: AppArgs, model_dir: Path) -> Any:
 
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device_map = device_map_for(args.device, num_gpus)
-    logger.info("loading %s (%s) with device_map=%s over %d visible GPU(s)", model_dir, args.dtype, device_map, num_gpus)
+    logger.info(
+        "loading %s (%s) with device_map=%s over %d visible GPU(s)",
+        model_dir,
+        args.dtype,
+        device_map,
+        num_gpus,
+    )
     model = load_model(model_dir, dtype=args.dtype, device_map=device_map)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
     return Engine(model, tokenizer, EngineConfig(**args.engine.model_dump()))

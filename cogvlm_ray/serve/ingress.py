@@ -150,7 +150,9 @@ class HttpMetricsMiddleware:
             self.metrics.inc(metrics_module.HTTP_REQUESTS, route=path, status=str(status["code"]))
 
 
-def create_app(backend: ChatBackend, settings: IngressSettings | None = None, metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    backend: ChatBackend, settings: IngressSettings | None = None, metrics: Metrics | None = None
+) -> FastAPI:
     """The FastAPI app of the ingress. `metrics` defaults to a private, in-process `Metrics`."""
     settings = settings or IngressSettings()
     metrics = metrics or Metrics()
@@ -185,7 +187,9 @@ def create_app(backend: ChatBackend, settings: IngressSettings | None = None, me
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        ):
             raise AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')",
                                       code="invalid_api_key")  # fmt: skip
 
@@ -220,8 +224,12 @@ def create_app(backend: ChatBackend, settings: IngressSettings | None = None, me
         model = chat.resolve_model_name(body, settings.served_model_names)
         sampling_params = chat.to_sampling_params(body, settings.defaults)
         request_id = chat.make_request_id()
-        deadline = None if settings.request_timeout_s is None else time.monotonic() + settings.request_timeout_s
-        stream = backend.generate(chat.to_message_dicts(body), sampling_params, body.template_version, request_id)
+        deadline = (
+            None if settings.request_timeout_s is None else time.monotonic() + settings.request_timeout_s
+        )
+        stream = backend.generate(
+            chat.to_message_dicts(body), sampling_params, body.template_version, request_id
+        )
         outputs = stream.__aiter__()
         headers = {"X-Request-Id": request_id}
         try:
@@ -265,7 +273,9 @@ async def _next_before(
             return await outputs.__anext__()
         return await asyncio.wait_for(outputs.__anext__(), max(deadline - time.monotonic(), 0.0))
     except StopAsyncIteration:
-        raise ServiceUnavailableError("the model stream ended without a final delta", code="stream_ended") from None
+        raise ServiceUnavailableError(
+            "the model stream ended without a final delta", code="stream_ended"
+        ) from None
     except asyncio.TimeoutError:
         raise RequestTimeoutError(f"request exceeded the server timeout of {timeout_s} s",
                                   code="request_timeout") from None  # fmt: skip

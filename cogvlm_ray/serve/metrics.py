@@ -50,57 +50,164 @@ class MetricSpec:
 
 
 # Bucket boundaries follow vLLM's, so dashboards built for vLLM translate one to one.
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0)
-_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_REQUEST_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 _PREPROCESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 TIME_TO_FIRST_TOKEN = MetricSpec(
-    "cogvlm_time_to_first_token_seconds", "histogram",
-    "Time from the engine receiving a request to its first generated token.", buckets=_TTFT_BUCKETS)
+    "cogvlm_time_to_first_token_seconds",
+    "histogram",
+    "Time from the engine receiving a request to its first generated token.",
+    buckets=_TTFT_BUCKETS,
+)
 INTER_TOKEN_LATENCY = MetricSpec(
-    "cogvlm_inter_token_latency_seconds", "histogram",
-    "Time between two consecutive streamed deltas of one request.", buckets=_ITL_BUCKETS)
+    "cogvlm_inter_token_latency_seconds",
+    "histogram",
+    "Time between two consecutive streamed deltas of one request.",
+    buckets=_ITL_BUCKETS,
+)
 E2E_REQUEST_LATENCY = MetricSpec(
-    "cogvlm_e2e_request_latency_seconds", "histogram",
-    "Time from the engine receiving a request to its last token.", buckets=_REQUEST_BUCKETS)
+    "cogvlm_e2e_request_latency_seconds",
+    "histogram",
+    "Time from the engine receiving a request to its last token.",
+    buckets=_REQUEST_BUCKETS,
+)
 REQUEST_QUEUE_TIME = MetricSpec(
-    "cogvlm_request_queue_time_seconds", "histogram",
-    "Time a request waited in the engine queue before it was first scheduled.", buckets=_REQUEST_BUCKETS)
+    "cogvlm_request_queue_time_seconds",
+    "histogram",
+    "Time a request waited in the engine queue before it was first scheduled.",
+    buckets=_REQUEST_BUCKETS,
+)
 NUM_REQUESTS_RUNNING = MetricSpec(
-    "cogvlm_num_requests_running", "gauge",
-    "Sequences in the engine's running batch, summed over model replicas.", multiprocess_mode="livesum")
+    "cogvlm_num_requests_running",
+    "gauge",
+    "Sequences in the engine's running batch, summed over model replicas.",
+    multiprocess_mode="livesum",
+)
 NUM_REQUESTS_WAITING = MetricSpec(
-    "cogvlm_num_requests_waiting", "gauge",
-    "Requests waiting in the engine queue, summed over model replicas.", multiprocess_mode="livesum")
+    "cogvlm_num_requests_waiting",
+    "gauge",
+    "Requests waiting in the engine queue, summed over model replicas.",
+    multiprocess_mode="livesum",
+)
 KV_CACHE_USAGE = MetricSpec(
-    "cogvlm_kv_cache_usage_perc", "gauge",
-    "Fraction (0..1) of KV-cache blocks in use; the fullest model replica.", multiprocess_mode="livemax")
+    "cogvlm_kv_cache_usage_perc",
+    "gauge",
+    "Fraction (0..1) of KV-cache blocks in use; the fullest model replica.",
+    multiprocess_mode="livemax",
+)
 PROMPT_TOKENS = MetricSpec(
-    "cogvlm_prompt_tokens", "counter", "Prompt tokens of requests admitted by the engine (image positions included).")
+    "cogvlm_prompt_tokens",
+    "counter",
+    "Prompt tokens of requests admitted by the engine (image positions included).",
+)
 GENERATION_TOKENS = MetricSpec("cogvlm_generation_tokens", "counter", "Tokens generated.")
 REQUEST_SUCCESS = MetricSpec(
-    "cogvlm_request_success", "counter", "Requests that finished in the engine, by finish reason.",
-    labels=("finished_reason",))
+    "cogvlm_request_success",
+    "counter",
+    "Requests that finished in the engine, by finish reason.",
+    labels=("finished_reason",),
+)
 IMAGE_CACHE_HITS = MetricSpec(
-    "cogvlm_image_cache_hits", "counter", "Image requests whose vision features came from the cache.")
+    "cogvlm_image_cache_hits", "counter", "Image requests whose vision features came from the cache."
+)
 IMAGE_CACHE_QUERIES = MetricSpec(
-    "cogvlm_image_cache_queries", "counter", "Image requests that looked up the image-feature cache.")
+    "cogvlm_image_cache_queries", "counter", "Image requests that looked up the image-feature cache."
+)
 HTTP_REQUESTS = MetricSpec(
-    "cogvlm_http_requests", "counter", "HTTP requests answered by the ingress, by route template and status.",
-    labels=("route", "status"), recorded_by="ingress")
+    "cogvlm_http_requests",
+    "counter",
+    "HTTP requests answered by the ingress, by route template and status.",
+    labels=("route", "status"),
+    recorded_by="ingress",
+)
 PREPROCESS_SECONDS = MetricSpec(
-    "cogvlm_preprocess_seconds", "histogram", "Time to turn messages into a PreparedPrompt (image decode included).",
-    buckets=_PREPROCESS_BUCKETS, recorded_by="preprocessor")
+    "cogvlm_preprocess_seconds",
+    "histogram",
+    "Time to turn messages into a PreparedPrompt (image decode included).",
+    buckets=_PREPROCESS_BUCKETS,
+    recorded_by="preprocessor",
+)
+ROUTING_DECISIONS = MetricSpec(
+    "cogvlm_routing_decisions",
+    "counter",
+    "ModelServer routing decisions of the image-affinity router: outcome affinity (reason home or "
+    "second_choice), fallback (overloaded, no_load_info) or default (text_only).",
+    labels=("outcome", "reason"),
+    recorded_by="ingress",
+)
 
 METRICS: tuple[MetricSpec, ...] = (
     TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME,
     NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE,
     PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, IMAGE_CACHE_HITS, IMAGE_CACHE_QUERIES,
-    HTTP_REQUESTS, PREPROCESS_SECONDS,
+    HTTP_REQUESTS, PREPROCESS_SECONDS, ROUTING_DECISIONS,
 )  # fmt: skip
 
 RAY_PREFIX = "ray_"
@@ -185,7 +292,9 @@ class Metrics:
                 metric = Gauge(spec.name, spec.help, spec.labels, registry=self.registry,
                                multiprocess_mode=spec.multiprocess_mode)  # fmt: skip
             else:
-                metric = Histogram(spec.name, spec.help, spec.labels, registry=self.registry, buckets=spec.buckets)
+                metric = Histogram(
+                    spec.name, spec.help, spec.labels, registry=self.registry, buckets=spec.buckets
+                )
             self._prom[spec.name] = metric
         self._ray: dict[str, Any] = _make_ray_metrics() if use_ray else {}
 
@@ -265,5 +374,7 @@ def metric_table(specs: Iterable[MetricSpec] = METRICS) -> str:
     rows = ["| name | type | labels | recorded by | meaning |", "|---|---|---|---|---|"]
     for spec in specs:
         shown = spec.name + ("_total" if spec.kind == "counter" else "")
-        rows.append(f"| `{shown}` | {spec.kind} | {', '.join(spec.labels) or '-'} | {spec.recorded_by} | {spec.help} |")
+        rows.append(
+            f"| `{shown}` | {spec.kind} | {', '.join(spec.labels) or '-'} | {spec.recorded_by} | {spec.help} |"
+        )
     return "\n".join(rows)

@@ -50,7 +50,9 @@ def ensure_tiny_checkpoint(cache_dir: Path, preset: str = "tiny", seed: int = 0)
         make_tiny_checkpoint(scratch, preset=preset, seed=seed)
         try:
             os.rename(scratch, target)
-            logger.warning("created a tiny RANDOM-weight checkpoint at %s (for trying the pipeline only)", target)
+            logger.warning(
+                "created a tiny RANDOM-weight checkpoint at %s (for trying the pipeline only)", target
+            )
         except OSError:
             if not (target / "config.json").is_file():
                 raise

@@ -151,7 +151,9 @@ class ModelServer:
 
     async def shutdown(self) -> None:
         """Finish in-flight requests for up to `shutdown_timeout_s`, abort the rest, stop."""
-        logger.info("model server shutting down (up to %.0f s for in-flight requests)", self.shutdown_timeout_s)
+        logger.info(
+            "model server shutting down (up to %.0f s for in-flight requests)", self.shutdown_timeout_s
+        )
         await self.engine.shutdown(self.shutdown_timeout_s)
         if self._stats_task is not None:
             self._stats_task.cancel()

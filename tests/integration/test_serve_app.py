@@ -30,12 +30,19 @@ def image_data_url(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int,
 
 
 def image_message(url: str, text: str = "What is in this picture?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
 def client(serve_app: ServeApp) -> openai.OpenAI:
-    return openai.OpenAI(base_url=serve_app.base_url + "/v1", api_key=serve_app.api_key, max_retries=0, timeout=60)
+    return openai.OpenAI(
+        base_url=serve_app.base_url + "/v1", api_key=serve_app.api_key, max_retries=0, timeout=60
+    )
 
 
 def post(serve_app: ServeApp, body: dict, **kwargs) -> httpx.Response:
@@ -49,7 +56,9 @@ def test_health_and_models(serve_app: ServeApp, client: openai.OpenAI):
 
 
 def test_text_chat_and_usage(serve_app: ServeApp, client: openai.OpenAI):
-    completion = client.chat.completions.create(model=serve_app.model, messages=TEXT, max_tokens=12, temperature=0)
+    completion = client.chat.completions.create(
+        model=serve_app.model, messages=TEXT, max_tokens=12, temperature=0
+    )
     choice = completion.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
@@ -75,9 +84,13 @@ def test_image_chat_counts_image_positions_in_prompt(serve_app: ServeApp, client
 
 
 @pytest.mark.parametrize("with_image", [False, True])
-def test_stream_joined_equals_non_stream_for_greedy(serve_app: ServeApp, client: openai.OpenAI, with_image: bool):
+def test_stream_joined_equals_non_stream_for_greedy(
+    serve_app: ServeApp, client: openai.OpenAI, with_image: bool
+):
     messages = image_message(image_data_url((10, 120, 240))) if with_image else TEXT
-    full = client.chat.completions.create(model=serve_app.model, messages=messages, max_tokens=24, temperature=0)
+    full = client.chat.completions.create(
+        model=serve_app.model, messages=messages, max_tokens=24, temperature=0
+    )
     chunks = list(
         client.chat.completions.create(
             model=serve_app.model, messages=messages, max_tokens=24, temperature=0, stream=True,
@@ -164,7 +177,9 @@ def test_full_model_queue_is_429_with_retry_after(serve_app: ServeApp):
 
 def test_twenty_concurrent_streams_all_complete(serve_app: ServeApp):
     async def run():
-        client = openai.AsyncOpenAI(base_url=serve_app.base_url + "/v1", api_key=serve_app.api_key, max_retries=0)
+        client = openai.AsyncOpenAI(
+            base_url=serve_app.base_url + "/v1", api_key=serve_app.api_key, max_retries=0
+        )
 
         async def one(i: int) -> tuple[str, str]:
             stream = await client.chat.completions.create(
@@ -222,7 +237,9 @@ def _value(samples: dict[str, list], name: str, **labels: str) -> float:
 def test_metrics_show_every_documented_name_with_plausible_values(serve_app: ServeApp, client: openai.OpenAI):
     url = image_data_url((1, 2, 3))
     for _ in range(2):  # the second identical image is a feature-cache hit
-        client.chat.completions.create(model=serve_app.model, messages=image_message(url), max_tokens=6, temperature=0)
+        client.chat.completions.create(
+            model=serve_app.model, messages=image_message(url), max_tokens=6, temperature=0
+        )
     client.chat.completions.create(model=serve_app.model, messages=TEXT, max_tokens=6, temperature=0)
     post(serve_app, {"messages": TEXT, "n": 3})
 
@@ -230,10 +247,17 @@ def test_metrics_show_every_documented_name_with_plausible_values(serve_app: Ser
     missing = exported_metric_names(include_ray=False) - set(samples)
     assert not missing, f"documented metrics missing from /metrics: {sorted(missing)}"
     assert _value(samples, "cogvlm_generation_tokens_total") >= 18
-    assert _value(samples, "cogvlm_prompt_tokens_total") > _value(samples, "cogvlm_generation_tokens_total") / 100
+    assert (
+        _value(samples, "cogvlm_prompt_tokens_total")
+        > _value(samples, "cogvlm_generation_tokens_total") / 100
+    )
     assert _value(samples, "cogvlm_request_success_total") >= 3
     assert _value(samples, "cogvlm_image_cache_queries_total") >= 2
-    assert 1 <= _value(samples, "cogvlm_image_cache_hits_total") <= _value(samples, "cogvlm_image_cache_queries_total")
+    assert (
+        1
+        <= _value(samples, "cogvlm_image_cache_hits_total")
+        <= _value(samples, "cogvlm_image_cache_queries_total")
+    )
     assert _value(samples, "cogvlm_http_requests_total", route="/v1/chat/completions", status="200") >= 3
     assert _value(samples, "cogvlm_http_requests_total", route="/v1/chat/completions", status="400") >= 1
     assert _value(samples, "cogvlm_preprocess_seconds_count") >= 3

@@ -27,6 +27,7 @@ def local_config_copy(tmp_path: Path, port: int) -> Path:
     args = config["applications"][0]["args"]
     args["cache_dir"] = str(tmp_path / "models")
     args["metrics_dir"] = str(tmp_path / "prom")
+    args["request_timeout_s"] = 5  # so a deliberately endless request shows the 504
     path = tmp_path / "serve_config.local.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -64,6 +65,10 @@ def test_serve_run_local_config(tmp_path: Path):
         response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] >= 1
+        endless = {"messages": body["messages"], "max_tokens": 8000, "ignore_eos": True}
+        timed_out = httpx.post(url + "/v1/chat/completions", json=endless, timeout=60)
+        assert timed_out.status_code == 504, timed_out.text
+        assert timed_out.json()["error"]["type"] == "timeout_error"
         assert "cogvlm_generation_tokens_total" in httpx.get(url + "/metrics", timeout=10).text
         assert httpx.get(url + "/", timeout=10).status_code == 200  # the playground is on in the demo
     finally:

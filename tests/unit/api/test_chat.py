@@ -69,7 +69,12 @@ def test_sampling_params_from_request_and_defaults():
         defaults,
     )  # fmt: skip
     assert params.max_tokens == 9 and params.is_greedy and params.top_k == 5
-    assert (params.repetition_penalty, params.seed, params.stop, params.stop_token_ids) == (1.2, 3, ("a", "b"), (7,))
+    assert (params.repetition_penalty, params.seed, params.stop, params.stop_token_ids) == (
+        1.2,
+        3,
+        ("a", "b"),
+        (7,),
+    )
     assert (params.min_tokens, params.ignore_eos) == (2, True)
 
 
@@ -99,10 +104,13 @@ def _output(text: str, n: int, finish: str | None = None) -> RequestOutput:
 
 def test_chunk_writer_sequence_and_usage():
     writer = chat.ChunkWriter("chatcmpl-1", "m", include_usage=True, created=5)
-    events = writer.role() + writer.delta(_output("a", 1)) + writer.delta(_output("", 2)) + writer.delta(
-        _output("b", 3, "length")
+    events = (
+        writer.role()
+        + writer.delta(_output("a", 1))
+        + writer.delta(_output("", 2))
+        + writer.delta(_output("b", 3, "length"))
     )
-    payloads = [json.loads(e[len("data: "):]) for e in events.strip().split("\n\n")]
+    payloads = [json.loads(e[len("data: ") :]) for e in events.strip().split("\n\n")]
     chunks = [ChatCompletionChunk.model_validate(p) for p in payloads]
     assert [c.choices[0].delta.content if c.choices else None for c in chunks] == ["", "a", "b", None]
     assert [c.choices[0].finish_reason if c.choices else None for c in chunks] == [None, None, "length", None]
@@ -121,4 +129,4 @@ def test_completion_body_and_error_event():
     assert body["usage"]["total_tokens"] == 14
     event = chat.ChunkWriter.error(InvalidRequestError("bad", param="x"))
     assert event.endswith(chat.SSE_DONE)
-    assert json.loads(event.split("\n\n")[0][len("data: "):])["error"]["param"] == "x"
+    assert json.loads(event.split("\n\n")[0][len("data: ") :])["error"]["param"] == "x"

@@ -45,6 +45,33 @@ def test_random_build_is_finite_and_runs_on_cpu(gpu_check):
     assert torch.equal(model.lm_head.weight, again.lm_head.weight)  # seeded
 
 
+def test_naive_loop_generates_what_the_engine_generates(gpu_check, tmp_path):
+    """The baseline computes the same greedy tokens as the engine, so the comparison is like for like."""
+    import asyncio
+
+    import numpy as np
+    from transformers import PreTrainedTokenizerFast
+
+    config = gpu_check.model_config_for("tiny")
+    model = gpu_check.build_random_model(config, torch.device("cpu"), torch.float32, seed=1)
+    gpu_check.write_tokenizer(tmp_path, config.vocab_size)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    prompts = [gpu_check.image_prompt(config, 5, rng), gpu_check.text_prompt(config, 7, rng)]
+    naive = gpu_check.NaiveLoop(model, max_len=64)
+    expected = [naive.generate(prompt, 6)[2] for prompt in prompts]
+
+    async def engine_tokens() -> list[list[int]]:
+        engine = gpu_check.Engine(model, tokenizer, gpu_check.EngineConfig(max_num_seqs=2, max_kv_tokens=512))
+        try:
+            runs = await gpu_check.EngineClient(engine).together(prompts, 6)
+        finally:
+            await engine.shutdown(timeout_s=1.0)
+        return [[t for out in run for t in out.new_token_ids] for run in runs]
+
+    assert asyncio.run(engine_tokens()) == expected
+
+
 def test_tiny_cpu_run_reports_every_figure(gpu_check, tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
     code = gpu_check.main([
@@ -57,7 +84,8 @@ def test_tiny_cpu_run_reports_every_figure(gpu_check, tmp_path, capsys):
     assert doc == json.loads(capsys.readouterr().out)
     assert set(doc["decode"]) == {"1", "4"}
     assert doc["decode"]["4"]["output_tokens"] == 4 * 6  # ignore_eos: exactly max_tokens each
-    assert doc["naive_loop"]["output_tokens"] == 2 * 6
+    assert doc["naive_loop"]["output_tokens"] == 2 * 6 and doc["naive_loop"]["image_ttft_ms"] > 0
+    assert doc["decode"]["4"]["speedup_vs_naive"] > 0
     for key in ("ttft_image_cold_ms", "ttft_image_cached_ms", "batch1_fraction_of_hbm_bound", "kv_cache_gib"):
         assert math.isfinite(doc[key]) and doc[key] > 0, key
     burst = doc["image_burst"]

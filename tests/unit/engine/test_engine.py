@@ -191,16 +191,21 @@ def test_same_seed_same_output_regardless_of_batch_company(model, tokenizer, cas
 
 def test_image_cache_hit_skips_the_tower_and_equals_the_miss(model, tokenizer, cases):
     calls = []
-    original = model.encode_images
+    logits: list[torch.Tensor] = []
+    original_encode, original_logits = model.encode_images, model.compute_logits
 
     def counting(pixel_values):
         calls.append(pixel_values.shape[0])
-        return original(pixel_values)
+        return original_encode(pixel_values)
+
+    def recording(hidden):
+        logits.append(original_logits(hidden))
+        return logits[-1]
 
     async def main():
         # Prefix caching off: here the image-feature cache alone must skip the tower.
         engine = make_engine(model, tokenizer, enable_prefix_caching=False)
-        model.encode_images = counting  # instance attribute shadows the method until deleted
+        model.encode_images, model.compute_logits = counting, recording  # shadow until deleted
         try:
             params = SamplingParams(max_tokens=12, **GREEDY)
             miss = await collect(engine.add_request(cases["chat_image"][0], params, "miss"))
@@ -208,13 +213,17 @@ def test_image_cache_hit_skips_the_tower_and_equals_the_miss(model, tokenizer, c
             # Multi-turn about the same picture: same pixels, same hash, no tower run either.
             history = await collect(engine.add_request(cases["chat_history_image"][0], params, "history"))
         finally:
-            del model.encode_images
+            del model.encode_images, model.compute_logits
         stats = engine.get_stats()
         await engine.shutdown()
         return miss, hit, history, stats
 
     miss, hit, history, stats = run(main())
     assert calls == [1]
+    # Bit-identical: every step's logits of the hit equal the miss's exactly.
+    assert len(logits) == 36 and all(
+        torch.equal(a, b) for a, b in zip(logits[:12], logits[12:24], strict=True)
+    )
     assert miss[0] == hit[0] == cases["chat_image"][1]
     assert history[0] == cases["chat_history_image"][1]
     assert miss[2][-1].image_cache_hit is False and hit[2][-1].image_cache_hit is True

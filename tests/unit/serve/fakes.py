@@ -33,7 +33,11 @@ class FakeBackend:
             raise ServiceUnavailableError("no model replica is running", code="no_replica")
 
     def generate(
-        self, messages: list[dict], sampling_params: SamplingParams, template_version: str | None, request_id: str
+        self,
+        messages: list[dict],
+        sampling_params: SamplingParams,
+        template_version: str | None,
+        request_id: str,
     ) -> AsyncIterator[RequestOutput]:
         self.calls.append({"messages": messages, "sampling_params": sampling_params,
                            "template_version": template_version, "request_id": request_id})  # fmt: skip

@@ -28,7 +28,9 @@ def test_configs_validate_against_serve_schema_and_app_args(name: str):
     args = AppArgs.model_validate(app["args"])
     assert {d["name"] for d in app["deployments"]} == {PREPROCESSOR, MODEL_SERVER, INGRESS}
     model = next(d for d in app["deployments"] if d["name"] == MODEL_SERVER)
-    assert "max_ongoing_requests" not in model and "max_queued_requests" not in model, "set by build_app from args"
+    assert "max_ongoing_requests" not in model and "max_queued_requests" not in model, (
+        "set by build_app from args"
+    )
     assert model.get("graceful_shutdown_timeout_s", 0) >= args.shutdown_timeout_s
 
 

@@ -14,7 +14,9 @@ from cogvlm_ray.serve.backend import RayChatBackend, to_api_error
 
 
 def test_backpressure_is_429_and_missing_replicas_are_503():
-    overloaded = to_api_error(serve_exceptions.BackPressureError(num_queued_requests=3, max_queued_requests=3))
+    overloaded = to_api_error(
+        serve_exceptions.BackPressureError(num_queued_requests=3, max_queued_requests=3)
+    )
     assert isinstance(overloaded, OverloadedError) and overloaded.status_code == 429
     died = to_api_error(ray_exceptions.ActorDiedError())
     assert isinstance(died, ServiceUnavailableError) and died.status_code == 503
@@ -61,8 +63,9 @@ class _Handle:
     def __getattr__(self, name):
         return self
 
-    def remote(self, *args):
+    def remote(self, *args, **kwargs):
         call = _Call(self.outputs)
+        call.kwargs = kwargs
         self.calls.append(call)
         return call
 

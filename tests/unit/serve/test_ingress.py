@@ -106,7 +106,9 @@ def test_models_and_health():
     client = make_client(model_root="/models/x", max_model_len=8192)
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
-    assert [(m["id"], m["root"], m["max_model_len"]) for m in models["data"]] == [("cogvlm2-tiny", "/models/x", 8192)]
+    assert [(m["id"], m["root"], m["max_model_len"]) for m in models["data"]] == [
+        ("cogvlm2-tiny", "/models/x", 8192)
+    ]
     assert client.get("/health").json() == {"status": "ok"}
     down = make_client(FakeBackend(ready=False))
     assert_openai_error(down.get("/health"), 503, "service_unavailable")
@@ -158,15 +160,19 @@ def test_schema_violations_are_422(raw):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_inf_are_rejected(literal):
-    raw = '{"messages": [{"role": "user", "content": "x"}], "temperature": %s}' % literal
-    response = make_client().post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    raw = f'{{"messages": [{{"role": "user", "content": "x"}}], "temperature": {literal}}}'
+    response = make_client().post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+    )
     error = assert_openai_error(response, 422)
     assert error["param"] == "temperature"
 
 
 def test_bad_json_is_400_and_server_still_works():
     client = make_client()
-    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert_openai_error(response, 400, "invalid_request_error")
     assert post(client).status_code == 200
 
@@ -188,7 +194,9 @@ def test_api_key_guards_v1_only():
     client = make_client(api_key="s3cret")
     assert_openai_error(post(client), 401, "authentication_error")
     assert_openai_error(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
-    ok = client.post("/v1/chat/completions", json={"messages": MESSAGES}, headers={"Authorization": "Bearer s3cret"})
+    ok = client.post(
+        "/v1/chat/completions", json={"messages": MESSAGES}, headers={"Authorization": "Bearer s3cret"}
+    )
     assert ok.status_code == 200
     assert client.get("/health").status_code == 200
     assert client.get("/metrics").status_code == 200
@@ -225,7 +233,9 @@ def test_backend_errors_are_real_statuses_even_when_streaming(error, status, str
 @pytest.mark.parametrize("stream", [False, True])
 def test_timeout_is_504(stream):
     backend = FakeBackend(delay_s=0.5)
-    assert_openai_error(post(make_client(backend, request_timeout_s=0.05), stream=stream), 504, "timeout_error")
+    assert_openai_error(
+        post(make_client(backend, request_timeout_s=0.05), stream=stream), 504, "timeout_error"
+    )
     assert len(backend.closed) == 1
 
 

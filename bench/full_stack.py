@@ -1,0 +1,246 @@
+"""Full stack vs in-process engine: one workload through Ray Serve + HTTP and straight into the engine.
+
+    python bench/full_stack.py --model tiny-random --concurrency 1,8 --num-requests 64 \\
+        --output-dir bench/results/full_stack_tiny
+
+* engine: in this process, no Ray, no HTTP. Each request goes through the API's own conversions
+  (`ChatCompletionRequest` -> messages + `SamplingParams`), `Preprocessor.prepare` in a worker
+  thread (as the Preprocessor replica runs it) and `Engine.add_request`; closed loop at each
+  concurrency. torch uses 1 thread, as in the replica (Ray sets OMP_NUM_THREADS=1 for
+  num_cpus <= 1).
+* http: `serve run` of `serve_config.local.yaml` (model, port and metrics dir overridden) in a
+  subprocess with its own local Ray cluster, driven by the load generator (`cogvlm_ray.bench`)
+  with the same request bodies.
+
+Both send byte-identical synthetic requests (`cogvlm_ray.bench.workload`, same seed). The report
+gives output tokens/s for each and `http / engine` at each concurrency (goal >= 0.85), and writes
+the HTTP sweep as JSON + PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cogvlm_ray.bench.chart import write_chart  # noqa: E402
+from cogvlm_ray.bench.client import RequestResult  # noqa: E402
+from cogvlm_ray.bench.report import format_summary, summarize  # noqa: E402
+from cogvlm_ray.bench.runner import RunSettings, run_requests  # noqa: E402
+from cogvlm_ray.bench.workload import BenchRequest, WorkloadSpec, build_requests  # noqa: E402
+
+logger = logging.getLogger("bench.full_stack")
+
+
+def load_config(path: Path, model: str, port: int, metrics_dir: str) -> dict[str, Any]:
+    config = yaml.safe_load(path.read_text())
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update({"model": model, "metrics_dir": metrics_dir, "playground": False})
+    return config
+
+
+# ---- in-process engine ----------------------------------------------------------------------
+async def engine_level(engine: Any, preprocessor: Any, requests: list[BenchRequest], concurrency: int):
+    from cogvlm_ray.api.chat import ChatDefaults, to_message_dicts, to_sampling_params
+    from cogvlm_ray.api.protocol import ChatCompletionRequest
+
+    queue: asyncio.Queue[BenchRequest] = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+    results: list[RequestResult] = []
+
+    async def one(request: BenchRequest) -> RequestResult:
+        result = RequestResult(request.index, "200", True, request.has_image, time.perf_counter())
+        parsed = ChatCompletionRequest.model_validate(request.body)
+        params = to_sampling_params(parsed, ChatDefaults())
+        prepared = await asyncio.to_thread(
+            preprocessor.prepare, to_message_dicts(parsed), max_tokens=params.max_tokens,
+            template_version=parsed.template_version,
+        )  # fmt: skip
+        last = None
+        async for output in engine.add_request(prepared, params, f"bench-{request.index}-{result.start}"):
+            now = time.perf_counter()
+            if output.new_token_ids:
+                if last is None:
+                    result.ttft_s = now - result.start
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+            result.num_output_tokens = output.num_generated_tokens
+            result.num_prompt_tokens = output.num_prompt_tokens
+            result.finish_reason = output.finish_reason
+        result.e2e_s = time.perf_counter() - result.start
+        return result
+
+    async def worker() -> None:
+        while not queue.empty():
+            results.append(await one(queue.get_nowait()))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+def run_engine(args: argparse.Namespace, config: dict, spec: WorkloadSpec) -> dict[str, dict]:
+    import torch
+
+    from cogvlm_ray.serve.app import parse_args
+    from cogvlm_ray.serve.factories import load_engine, make_preprocessor
+    from cogvlm_ray.serve.model_source import resolve_model_path
+
+    torch.set_num_threads(args.engine_threads)
+    app_args = parse_args(config["applications"][0]["args"])
+    model_dir = resolve_model_path(app_args.model, os.path.expanduser(app_args.cache_dir))
+    preprocessor = make_preprocessor(app_args, model_dir)
+    out: dict[str, dict] = {}
+
+    async def all_levels() -> None:
+        engine = load_engine(app_args, model_dir)
+        await engine.start()
+        try:
+            for concurrency in args.concurrency:
+                warm = build_requests(spec.__class__(**{**spec.__dict__, "seed": spec.seed + 1}), args.warmup)
+                await engine_level(engine, preprocessor, warm, concurrency)
+                results, duration = await engine_level(engine, preprocessor, build_requests(spec, args.num_requests),
+                                                       concurrency)  # fmt: skip
+                summary = summarize(results, duration)
+                sys.stdout.write(format_summary(f"engine c={concurrency}", summary) + "\n")
+                out[str(concurrency)] = summary.to_dict()
+        finally:
+            await engine.shutdown(timeout_s=5.0)
+
+    asyncio.run(all_levels())
+    return out
+
+
+# ---- Ray Serve + HTTP -----------------------------------------------------------------------
+def run_http(args: argparse.Namespace, config: dict, spec: WorkloadSpec, workdir: Path) -> list[dict]:
+    port = config["http_options"]["port"]
+    config_path = workdir / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    base_url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(workdir / "serve_run.log", "w")  # noqa: SIM115 (closed below)
+    # `--address local`: always a fresh cluster of our own, never another one on this machine.
+    process = subprocess.Popen(["serve", "run", "--address", "local", str(config_path)], cwd=workdir, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    runs = []
+    try:
+        _wait_healthy(base_url, process, timeout_s=args.startup_timeout)
+        model = httpx.get(base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        spec = spec.__class__(**{**spec.__dict__, "model": model})
+        for concurrency in args.concurrency:
+            settings = RunSettings(
+                url=base_url + "/v1/chat/completions", concurrency=concurrency, timeout_s=300
+            )
+            warm = build_requests(spec.__class__(**{**spec.__dict__, "seed": spec.seed + 1}), args.warmup)
+            asyncio.run(run_requests(warm, settings))
+            results, duration = asyncio.run(run_requests(build_requests(spec, args.num_requests), settings))
+            summary = summarize(results, duration)
+            sys.stdout.write(format_summary(f"http c={concurrency}", summary) + "\n")
+            runs.append({"concurrency": concurrency, "request_rate": None, "summary": summary.to_dict()})
+    finally:
+        process.send_signal(signal.SIGINT)  # serve run tears down the cluster it started
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    return runs
+
+
+def _wait_healthy(base_url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve run exited with {process.returncode}; see serve_run.log")
+        try:
+            if httpx.get(base_url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"the app was not healthy within {timeout_s}s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny-random", help='"tiny-random" or "tiny-random:bench"')
+    p.add_argument("--config", default=str(REPO / "serve_config.local.yaml"))
+    p.add_argument("--concurrency", default="1,8", help="comma-separated levels")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-share", type=float, default=0.5)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--engine-threads", type=int, default=1, help="torch threads in-process (replica: 1)")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--output-dir", default=None, help="write full_stack.json and full_stack.png here")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    spec = WorkloadSpec(image_size=args.image_size, image_share=args.image_share, prompt_tokens=args.prompt_tokens,
+                        max_tokens=args.max_tokens, ignore_eos=True, stream=True, temperature=0.0, seed=0)  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="cogvlm-full-stack-") as tmp:
+        workdir = Path(tmp)
+        config = load_config(Path(args.config), args.model, free_port(), str(workdir / "prom"))
+        document: dict[str, Any] = {
+            "model": args.model,
+            "workload": spec.__dict__,
+            "num_requests_per_level": args.num_requests,
+            "engine_args": config["applications"][0]["args"]["engine"],
+            "machine": {"cpu_count": os.cpu_count(), "platform": sys.platform},
+        }
+        if not args.skip_engine:
+            document["engine"] = run_engine(args, config, spec)
+        if not args.skip_http:
+            document["http"] = run_http(args, config, spec, workdir)
+    if "engine" in document and "http" in document:
+        document["http_over_engine"] = {
+            str(run["concurrency"]): run["summary"]["output_token_throughput"]
+            / document["engine"][str(run["concurrency"])]["output_token_throughput"]
+            for run in document["http"]
+        }
+        sys.stdout.write(f"http / engine output tok/s: {document['http_over_engine']}\n")
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "full_stack.json").write_text(json.dumps(document, indent=2) + "\n")
+        if document.get("http"):
+            write_chart(
+                document["http"], out / "full_stack.png", title=f"{args.model} via Ray Serve + HTTP (CPU)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
