@@ -1,7 +1,7 @@
 """Engine benchmark: continuous batching vs one request at a time, and image-cache TTFT.
 
-    python bench/engine_bench.py [--threads 1] [--min-requests 8] [--requests-per-client 2]
-                                 [--max-tokens 64] [--levels 1,8,32] [--json out.json]
+    python bench/engine_bench.py [--threads 1] [--min-requests 4] [--requests-per-client 2]
+                                 [--max-tokens 128] [--levels 1,8,32] [--json out.json]
 
 One process, one random CogVLM2 checkpoint of realistic proportions sized for CPU
 (`make_tiny_checkpoint(preset="bench")`: LM hidden 512, 8 layers, 8 heads / 2 KV heads,
@@ -15,7 +15,10 @@ float32 on CPU.
 * Engine: for each `c` in `--levels`, `c` concurrent clients each send requests one after
   another (closed loop), max(`--min-requests`, c * `--requests-per-client`) requests in all.
   Every request has its own new image (neither cache can help) and produces exactly
-  `--max-tokens` tokens (ignore_eos). Tokens/s = all generated tokens / wall time.
+  `--max-tokens` tokens (ignore_eos; 128 = a short chat answer, the official demos allow 1024-2048).
+  Tokens/s = all generated tokens / wall time.
+* Step costs: CPU ms of one runner step at batch 1 and 32 (prefill per request, decode per
+  token), from which the ratio at any output length follows.
 * TTFT: on an idle engine, a new image vs the same image again with another question
   (median of `--ttft-repeats`). The repeat is served by the prefix cache (the blocks holding
   bos + image) and the image-feature cache (image rows in the first partial block); measured
@@ -177,25 +180,62 @@ async def engine_level(bench: Bench, prompts: list[PreparedPrompt], concurrency:
 
 
 async def ttft_cold_vs_cached(bench: Bench, repeats: int, enable_prefix_caching: bool) -> dict[str, float]:
+    """Median TTFT (wall, and CPU time of the process while the otherwise idle engine serves it)."""
     engine = make_engine(bench, enable_prefix_caching)
     await engine.start()
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
-    async def ttft(prompt: PreparedPrompt, request_id: str) -> tuple[float, bool | None]:
+    async def ttft(prompt: PreparedPrompt, request_id: str, expect_hit: bool) -> tuple[float, float]:
+        cpu_start = time.process_time()
         outputs = [o async for o in engine.add_request(prompt, params, request_id)]
-        return outputs[-1].first_token_time - outputs[-1].arrival_time, outputs[-1].image_cache_hit
+        assert outputs[-1].image_cache_hit is expect_hit
+        return outputs[-1].first_token_time - outputs[-1].arrival_time, time.process_time() - cpu_start
 
     cold, cached = [], []
     for i in range(repeats):
-        seconds, hit = await ttft(bench.prompt(10_000 + i, 0), f"cold-{i}")
-        assert hit is False
-        cold.append(seconds)
-        seconds, hit = await ttft(bench.prompt(10_000 + i, 1), f"cached-{i}")
-        assert hit is True
-        cached.append(seconds)
+        cold.append(await ttft(bench.prompt(10_000 + i, 0), f"cold-{i}", False))
+        cached.append(await ttft(bench.prompt(10_000 + i, 1), f"cached-{i}", True))
     await engine.shutdown()
-    cold_s, cached_s = statistics.median(cold), statistics.median(cached)
-    return {"cold_ttft_s": cold_s, "cached_ttft_s": cached_s, "ratio": cached_s / cold_s}
+    cold_s, cached_s = statistics.median(w for w, _ in cold), statistics.median(w for w, _ in cached)
+    cold_cpu, cached_cpu = statistics.median(c for _, c in cold), statistics.median(c for _, c in cached)
+    return {
+        "cold_ttft_s": cold_s,
+        "cached_ttft_s": cached_s,
+        "ratio": cached_s / cold_s,
+        "cold_cpu_s": cold_cpu,
+        "cached_cpu_s": cached_cpu,
+        "ratio_cpu": cached_cpu / cold_cpu,
+    }
+
+
+def step_costs(bench: Bench, batch_sizes: tuple[int, ...] = (1, 32), num_decode_steps: int = 10) -> dict:
+    """CPU milliseconds of one engine step (runner only): prefill per request and decode per token.
+
+    Explains the throughput ratios: continuous batching divides the decode cost per token by
+    the batch, while on a CPU the prefill (compute-bound) only gains what batching the GEMMs gives.
+    """
+    out = {}
+    for batch in batch_sizes:
+        engine = make_engine(bench)
+        for i in range(batch):
+            engine.add_request(bench.prompt(50_000 + batch * 100 + i, i), bench.params(), f"s{batch}-{i}")
+
+        def step(engine: Engine = engine) -> float:
+            scheduled = engine.scheduler.schedule()
+            start = time.process_time()
+            sampled = engine.runner.execute(scheduled)
+            elapsed = time.process_time() - start
+            engine.scheduler.update_from_output(scheduled, sampled)
+            return elapsed
+
+        prefill = step()
+        step()  # first decode warms up
+        decode = statistics.median(step() for _ in range(num_decode_steps))
+        out[batch] = {
+            "prefill_ms_per_request": 1e3 * prefill / batch,
+            "decode_ms_per_token": 1e3 * decode / batch,
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -203,11 +243,11 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--min-requests", type=int, default=4)
     parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--ttft-repeats", type=int, default=5)
+    parser.add_argument("--ttft-repeats", type=int, default=9)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -234,6 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
         "max_tokens": args.max_tokens,
         "prompt_tokens": bench.prompt(0, 0).num_prompt_tokens,
     }
+    results["step_costs_cpu"] = costs = step_costs(bench)
+    for batch, row in costs.items():
+        logger.info(
+            "step cost at batch %d: prefill %.1f CPU-ms per request, decode %.2f CPU-ms per token",
+            batch, row["prefill_ms_per_request"], row["decode_ms_per_token"],
+        )  # fmt: skip
     prompts = [bench.prompt(100 + i, i) for i in range(args.min_requests)]
     results["baseline"] = baseline(bench, prompts)
     logger.info(
@@ -256,8 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, prefix_caching in (("ttft", True), ("ttft_feature_cache_only", False)):
         results[name] = row = asyncio.run(ttft_cold_vs_cached(bench, args.ttft_repeats, prefix_caching))
         logger.info(
-            "TTFT (prefix cache %s) new image %.1f ms, repeated image %.1f ms (%.2fx)",
+            "TTFT (prefix cache %s) new image %.1f ms, repeated image %.1f ms (%.2fx); CPU %.1f vs %.1f ms (%.2fx)",
             "on" if prefix_caching else "off", row["cold_ttft_s"] * 1e3, row["cached_ttft_s"] * 1e3, row["ratio"],
+            row["cold_cpu_s"] * 1e3, row["cached_cpu_s"] * 1e3, row["ratio_cpu"],
         )  # fmt: skip
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -130,7 +130,10 @@ def run_engine(args: argparse.Namespace, config: dict, spec: WorkloadSpec) -> di
 
 
 # ---- Ray Serve + HTTP -----------------------------------------------------------------------
-def run_http(args: argparse.Namespace, config: dict, spec: WorkloadSpec, workdir: Path) -> list[dict]:
+def run_http(
+    args: argparse.Namespace, config: dict, spec: WorkloadSpec, workdir: Path
+) -> tuple[list[dict], dict]:
+    """The sweep's runs (load-generator JSON layout) and the image-cache TTFT check."""
     port = config["http_options"]["port"]
     config_path = workdir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -140,7 +143,8 @@ def run_http(args: argparse.Namespace, config: dict, spec: WorkloadSpec, workdir
     # `--address local`: always a fresh cluster of our own, never another one on this machine.
     process = subprocess.Popen(["serve", "run", "--address", "local", str(config_path)], cwd=workdir, env=env,
                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    runs = []
+    runs: list[dict] = []
+    image_cache: dict = {}
     try:
         _wait_healthy(base_url, process, timeout_s=args.startup_timeout)
         model = httpx.get(base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
@@ -155,6 +159,8 @@ def run_http(args: argparse.Namespace, config: dict, spec: WorkloadSpec, workdir
             summary = summarize(results, duration)
             sys.stdout.write(format_summary(f"http c={concurrency}", summary) + "\n")
             runs.append({"concurrency": concurrency, "request_rate": None, "summary": summary.to_dict()})
+        if args.image_cache_requests:
+            image_cache = image_cache_effect(base_url, spec, args.image_cache_requests)
     finally:
         process.send_signal(signal.SIGINT)  # serve run tears down the cluster it started
         try:
@@ -162,7 +168,20 @@ def run_http(args: argparse.Namespace, config: dict, spec: WorkloadSpec, workdir
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
-    return runs
+    return runs, image_cache
+
+
+def image_cache_effect(base_url: str, spec: WorkloadSpec, num_requests: int) -> dict:
+    """TTFT at concurrency 1: every request a new image vs every request the same image."""
+    settings = RunSettings(url=base_url + "/v1/chat/completions", concurrency=1, timeout_s=300)
+    ttft = {}
+    for name, share in (("new_image", 0.0), ("repeated_image", 1.0)):
+        cache_spec = spec.__class__(**{**spec.__dict__, "image_share": 1.0, "repeat_image_share": share,
+                                       "max_tokens": 2, "seed": spec.seed + 7})  # fmt: skip
+        results, duration = asyncio.run(run_requests(build_requests(cache_spec, num_requests), settings))
+        ttft[name] = summarize(results, duration).ttft_ms.p50
+    sys.stdout.write(f"image cache, TTFT p50 ms at c=1: {ttft}\n")
+    return {"requests_per_arm": num_requests, "ttft_p50_ms": ttft}
 
 
 def _wait_healthy(base_url: str, process: subprocess.Popen, timeout_s: float) -> None:
@@ -200,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-share", type=float, default=0.5)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument(
+        "--image-cache-requests", type=int, default=16, help="per arm of the image-cache check (0: skip)"
+    )
     p.add_argument("--engine-threads", type=int, default=1, help="torch threads in-process (replica: 1)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--skip-engine", action="store_true")
@@ -223,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_engine:
             document["engine"] = run_engine(args, config, spec)
         if not args.skip_http:
-            document["http"] = run_http(args, config, spec, workdir)
+            document["http"], document["http_image_cache"] = run_http(args, config, spec, workdir)
     if "engine" in document and "http" in document:
         document["http_over_engine"] = {
             str(run["concurrency"]): run["summary"]["output_token_throughput"]

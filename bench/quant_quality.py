@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cogvlm_ray.model import CogVLM2ForCausalLM, load_model
-from cogvlm_ray.model.quantization import QuantizationSpec, write_bnb_4bit_checkpoint
+from cogvlm_ray.model.quantization import QuantizationSpec
+from cogvlm_ray.model.quantized_checkpoint import write_bnb_4bit_checkpoint
 
 logger = logging.getLogger("bench.quant_quality")
 
@@ -43,6 +44,7 @@ PAD_ID = 514
 #: `write_bnb_4bit_checkpoint` (the official int4 route) instead of the float fixture.
 MODES: list[tuple[str, dict]] = [
     ("float32 (reference run)", {}),
+    ("bfloat16, not quantized", {"dtype": torch.bfloat16}),
     ("bnb-4bit nf4", {"quantization": "bnb-4bit"}),
     ("bnb-4bit nf4, vision float", {"quantization": "bnb-4bit", "quantize_vision": False}),
     ("bnb-4bit fp4", {"quantization": QuantizationSpec("bnb-4bit", bnb_4bit_quant_type="fp4")}),
@@ -117,7 +119,7 @@ def load(kwargs: dict, scratch: Path) -> CogVLM2ForCausalLM:
     kwargs = dict(kwargs)
     checkpoint = kwargs.pop("checkpoint", None)
     if checkpoint is None:
-        return load_model(FIXTURE_DIR, dtype=torch.float32, **kwargs)
+        return load_model(FIXTURE_DIR, **{"dtype": torch.float32, **kwargs})
     directory = scratch / checkpoint
     if not directory.exists():
         skip = ("model.vision",) if checkpoint == "int4-vision-float" else ()
@@ -145,7 +147,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r.mode} | {r.top1:.3f} | {r.mean_kl:.4f} | {r.max_abs_logit_diff:.3f} | {r.greedy_match:.2f} |"
+            f"| {r.mode} | {r.top1:.3f} | {max(r.mean_kl, 0.0):.4f} | {r.max_abs_logit_diff:.3f} | {r.greedy_match:.2f} |"
         )
     print(f"\n{rows[0].num_positions} positions over {len(CASES)} cases; torch {torch.__version__}")
     if args.json:

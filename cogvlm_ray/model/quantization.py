@@ -5,8 +5,8 @@ prefix, e.g. the vision tower), turning each layer's weight into its quantized f
 `loading.py` reads it (so a bf16 checkpoint never sits in memory unquantized), and reading
 checkpoints that are already bitsandbytes-4-bit (the layout transformers writes, which is how
 `THUDM/cogvlm2-llama3-chat-19B-int4` is stored: packed uint8 `X.weight` plus `X.weight.absmax`,
-`X.weight.quant_map`, `X.weight.quant_state.bitsandbytes__fp4`). `write_bnb_4bit_checkpoint`
-writes that layout, for tests and for making one's own int4 checkpoint.
+`X.weight.quant_map`, `X.weight.quant_state.bitsandbytes__fp4`). `quantized_checkpoint.py`
+writes that layout.
 
 Does not own: file reading, strictness and device placement (`loading.py`, `sharding.py`).
 Quantized layers keep the `nn.Linear` call interface, so the model, engine, image cache and
@@ -17,10 +17,8 @@ imported only when a quantized load is asked for.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,13 +133,15 @@ def resolve_quantization(
 ) -> QuantizationSpec | None:
     """What to do for `load_model(quantization=requested)` on a checkpoint with this `quantization_config`.
 
-    A pre-quantized checkpoint is read as stored (requested must be None, "auto" or "bnb-4bit");
-    a float checkpoint is quantized on the fly with `requested` (None / "none": not at all).
+    A pre-quantized checkpoint is read as stored (requested: None, "none", "auto" or "bnb-4bit";
+    "none" means no on-the-fly quantization); a float checkpoint is quantized on the fly with
+    `requested` (None / "none" / "auto": not at all).
     """
     name = requested.method if isinstance(requested, QuantizationSpec) else requested
+    name = name.strip().lower() if isinstance(name, str) else name
     if checkpoint_config is not None:
         spec = QuantizationSpec.from_hf_config(checkpoint_config)
-        if name not in (None, "auto", "bnb-4bit"):
+        if name not in (None, "none", "auto", "bnb-4bit"):
             raise ValueError(
                 f"this checkpoint is already quantized (bitsandbytes 4-bit); quantization={name!r} "
                 "cannot be applied to it: pass quantization=None or load the float checkpoint"
@@ -233,6 +233,8 @@ class WeightQuantizer:
                 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         else:
             if method == "fp8":
+                if self.dtype != torch.bfloat16:
+                    raise ValueError(f"quantization='fp8' needs dtype bfloat16, not {self.dtype}")
                 for device in devices:
                     check_fp8_device(normalize_device(device))
             self._ao_config = _torchao_config(method)
@@ -389,45 +391,3 @@ class WeightQuantizer:
         parent_name, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, module)
         self.targets[module_name] = module  # type: ignore[assignment]
-
-
-def write_bnb_4bit_checkpoint(
-    source: str | Path,
-    target: str | Path,
-    spec: QuantizationSpec | None = None,
-    float_dtype: torch.dtype = torch.float16,
-) -> Path:
-    """Write `source` (a float CogVLM2 checkpoint) as a pre-quantized bnb 4-bit checkpoint.
-
-    The route transformers takes for `save_pretrained` of a bnb-quantized model: load with the
-    weights quantized, take the module state dict (bitsandbytes adds the packed weight and its
-    quant-state tensors) and save it with safetensors, with `quantization_config` in config.json.
-    The default spec is the official int4 one (fp4, float32 compute, uint8 storage, no double
-    quant); float tensors are stored as `float_dtype` (fp16, as in the official checkpoint).
-    """
-    import json
-
-    from safetensors.torch import save_file
-
-    from cogvlm_ray.model.loading import load_model
-
-    spec = spec or QuantizationSpec(
-        method="bnb-4bit", bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype="float32"
-    )
-    source, target = Path(source), Path(target)
-    model = load_model(source, dtype=float_dtype, quantization=spec)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    target.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = spec.to_hf_config()
-    config["torch_dtype"] = str(float_dtype).removeprefix("torch.")
-    (target / "config.json").write_text(json.dumps(config, indent=2))
-    for file in source.iterdir():
-        if (
-            file.is_file()
-            and file.suffix in (".json", ".model", ".txt")
-            and not (target / file.name).exists()
-        ):
-            shutil.copy(file, target / file.name)
-    return target

@@ -162,6 +162,16 @@ class RayChatBackend:
             running = 0 if deployment is None else deployment.replica_states.get("RUNNING", 0)
             running_counts.append(running)
             if running == 0:
-                detail = deployment.message if deployment is not None and deployment.message else "starting"
-                return f"no {name} replica is running yet ({detail})", running_counts[0]
+                return f"no {name} replica is running yet ({_describe(deployment)})", running_counts[0]
         return None, running_counts[0]
+
+
+def _describe(deployment: Any) -> str:
+    """Serve's own words about a deployment without running replicas (after 30 s unscheduled it
+    names the resources each replica needs, e.g. a GPU the cluster does not have)."""
+    if deployment is None:
+        return "not deployed"
+    states = {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
+    status = str(getattr(deployment.status, "value", deployment.status))
+    hint = deployment.message or "replicas are starting or waiting for resources (GPUs?); see `serve status`"
+    return f"{status}, replicas {states}: {hint}"

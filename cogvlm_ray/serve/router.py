@@ -34,7 +34,9 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+from ray import serve
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.exceptions import RayServeException
 from ray.serve.request_router import (
     LocalityMixin,
     MultiplexMixin,
@@ -103,7 +105,11 @@ class ImageAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         loads: dict[Any, int | None] = {}
         missing: list[RunningReplica] = []
         for replica in replicas:
-            cached = self._replica_queue_len_cache.get(replica.replica_id) if self._use_replica_queue_len_cache else None
+            cached = (
+                self._replica_queue_len_cache.get(replica.replica_id)
+                if self._use_replica_queue_len_cache
+                else None
+            )
             if cached is None:
                 missing.append(replica)
             else:
@@ -131,11 +137,19 @@ class ImageAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if decision.outcome != "default":
             logger.debug("request %s: %s (%s), home %s", request_id, decision.outcome, decision.reason,
                          decision.home_id)  # fmt: skip
-        if self._record_metrics:
-            self._get_metrics().inc(m.ROUTING_DECISIONS, outcome=decision.outcome, reason=decision.reason)
+        metrics = self._get_metrics()
+        if metrics is not None:
+            metrics.inc(m.ROUTING_DECISIONS, outcome=decision.outcome, reason=decision.reason)
 
-    def _get_metrics(self) -> m.Metrics:
-        if self._metrics is None:
+    def _get_metrics(self) -> m.Metrics | None:
+        """The process's metrics, only inside a Serve replica (the ingress): a handle in a driver
+        (a test, a script) must not switch its process to multiprocess mode."""
+        if self._metrics is None and self._record_metrics:
+            try:
+                serve.get_replica_context()
+            except RayServeException:
+                self._record_metrics = False
+                return None
             self._metrics = m.get_metrics(multiprocess_dir=self._metrics_dir, use_ray=self._ray_metrics)
         return self._metrics
 

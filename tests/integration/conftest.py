@@ -76,7 +76,7 @@ def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     metrics_port = free_port()
     ray.init(
         address="local",
-        num_cpus=4,
+        num_cpus=8,  # logical: several apps share this cluster (tests/integration/test_router.py)
         include_dashboard=False,
         log_to_driver=False,
         logging_level="warning",

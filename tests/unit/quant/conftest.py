@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cogvlm_ray.model import CogVLM2ForCausalLM
-from cogvlm_ray.model.quantization import QuantizationSpec, write_bnb_4bit_checkpoint
+from cogvlm_ray.model.quantization import QuantizationSpec
+from cogvlm_ray.model.quantized_checkpoint import write_bnb_4bit_checkpoint
 
 FIXTURE_DIR = Path(__file__).parents[2] / "fixtures" / "cogvlm2-tiny"
 CASES = ["chat_image", "base_image", "vqa_image", "chat_history_image", "text_only_chat"]

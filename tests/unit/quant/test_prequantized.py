@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cogvlm_ray.model import CheckpointError, load_model
-from cogvlm_ray.model.quantization import write_bnb_4bit_checkpoint
+from cogvlm_ray.model.quantized_checkpoint import write_bnb_4bit_checkpoint
 
 from .conftest import (
     FIXTURE_DIR,
@@ -91,6 +91,31 @@ def test_roundtrip_is_exact(tmp_path, cases) -> None:
     reloaded = load_model(written, dtype=torch.float32)
     some = {k: cases[k] for k in ("chat_image", "text_only_chat")}
     torch.testing.assert_close(all_logits(reloaded, some), all_logits(in_memory, some), rtol=0, atol=1e-5)
+
+
+def test_sharded_int4_checkpoint_with_parts_split_across_files(int4_checkpoint, tmp_path, cases) -> None:
+    """A layer's packed weight and its quant state may sit in different shards (index order)."""
+    sharded = tmp_path / "sharded"
+    shutil.copytree(int4_checkpoint, sharded)
+    state = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    shards: list[dict[str, torch.Tensor]] = [{}, {}]
+    for i, key in enumerate(sorted(state)):  # neighbours (X.weight, X.weight.absmax, ...) alternate
+        shards[i % 2][key] = state[key]
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(sharded / name), metadata={"format": "pt"})
+    weight_map = {key: names[i] for i, shard in enumerate(shards) for key in shard}
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    some = {"chat_image": cases["chat_image"]}
+    torch.testing.assert_close(
+        all_logits(load_model(sharded, dtype=torch.float32), some),
+        all_logits(load_model(int4_checkpoint, dtype=torch.float32), some),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize(

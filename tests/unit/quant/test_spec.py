@@ -16,8 +16,9 @@ from cogvlm_ray.model.quantization import (
 from .conftest import OFFICIAL_INT4_CONFIG
 
 
-def test_official_int4_config_reads_as_prequantized_fp4_with_float32_compute() -> None:
-    spec = resolve_quantization(None, OFFICIAL_INT4_CONFIG)
+@pytest.mark.parametrize("requested", [None, "none", "auto", "bnb-4bit"])
+def test_official_int4_config_reads_as_prequantized_fp4_with_float32_compute(requested) -> None:
+    spec = resolve_quantization(requested, OFFICIAL_INT4_CONFIG)
     assert spec is not None and spec.prequantized
     assert (spec.method, spec.bnb_4bit_quant_type, spec.bnb_4bit_compute_dtype) == (
         "bnb-4bit",

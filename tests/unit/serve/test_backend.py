@@ -98,3 +98,26 @@ def test_not_ready_is_503_with_the_reason():
     backend._status = (float("inf"), "no ModelServer replica is running yet (waiting for a GPU)", 0)
     with pytest.raises(ServiceUnavailableError, match="waiting for a GPU"):
         asyncio.run(backend.check_ready())
+
+
+def test_readiness_reads_serve_status_and_explains_missing_replicas(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    def deployment(running: int, message: str = "") -> SimpleNamespace:
+        return SimpleNamespace(replica_states={"RUNNING": running} if running else {"PENDING_ALLOCATION": 1},
+                               status="UPDATING" if not running else "HEALTHY", message=message)  # fmt: skip
+
+    deployments = {"ModelServer": deployment(0, "Resources required for each replica: {\"GPU\": 1}"),
+                   "Preprocessor": deployment(1)}  # fmt: skip
+    status = SimpleNamespace(applications={"app": SimpleNamespace(deployments=deployments)})
+    monkeypatch.setattr(serve, "status", lambda: status)
+    backend = RayChatBackend(_Handle(), _Handle(), app_name="app", deployment_names=("ModelServer", "Preprocessor"),
+                             max_num_seqs=2, max_queued_requests=1)  # fmt: skip
+    with pytest.raises(ServiceUnavailableError, match='no ModelServer replica.*PENDING_ALLOCATION.*"GPU": 1'):
+        asyncio.run(backend.check_ready())
+    deployments["ModelServer"] = deployment(3)
+    backend._status = (0.0, None, 0)  # expire the cache
+    asyncio.run(backend.check_ready())
+    assert backend.capacity() == 3 * 2 + 1
