@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import logging
@@ -114,7 +115,7 @@ def run_sweep(args: argparse.Namespace, stderr=None) -> dict:
         seed=args.seed,
     )
     requests = build_requests(spec, args.num_requests)
-    warmup = build_requests(WorkloadSpec(**{**spec.__dict__, "seed": spec.seed + 99_991}), args.warmup)
+    warmup = build_requests(dataclasses.replace(spec, seed=spec.seed + 99_991), args.warmup)
     url = args.base_url.rstrip("/") + args.endpoint
     if args.request_rate:
         levels = [(args.max_concurrency, rate) for rate in args.request_rate]
@@ -153,7 +154,7 @@ def run_sweep(args: argparse.Namespace, stderr=None) -> dict:
         "label": args.label,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "url": url,
-        "workload": spec.__dict__,
+        "workload": dataclasses.asdict(spec),
         "num_requests_per_level": args.num_requests,
         "warmup_per_level": args.warmup,
         "client_machine": {

@@ -29,8 +29,8 @@ from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.kv_cache import BlockManager, allocate_kv_caches, num_kv_blocks_for
 from cogvlm_ray.engine.outputs import OutputProcessor, RequestStream
 from cogvlm_ray.engine.request import RequestOutput, SamplingParams
-from cogvlm_ray.engine.runner import ModelRunner
-from cogvlm_ray.engine.scheduler import Scheduler
+from cogvlm_ray.engine.runner import ModelRunner, input_device
+from cogvlm_ray.engine.scheduler import Scheduler, SchedulerOutput
 from cogvlm_ray.engine.sequence import Request
 from cogvlm_ray.engine.stats import EngineStats
 from cogvlm_ray.engine.validation import validate_prompt
@@ -79,9 +79,11 @@ class Engine:
         self.eos_token_ids = checkpoint_stop_token_ids(model, tokenizer)
 
         layout = model.kv_cache_layout()
+        image_device = input_device(model)  # where the image features (and their cache) live
         num_blocks = num_kv_blocks_for(
-            config, layout, model_config.num_key_value_heads, model_config.head_dim
-        )
+            config, layout, model_config.num_key_value_heads, model_config.head_dim,
+            reserved_bytes={image_device: config.image_cache_bytes},
+        )  # fmt: skip
         kv_caches = allocate_kv_caches(
             layout, num_blocks, config.block_size, model_config.num_key_value_heads, model_config.head_dim
         )
@@ -219,7 +221,7 @@ class Engine:
                 self.runner.release(request.request_id)
         self._record_step(scheduler_output)
 
-    def _record_step(self, scheduler_output: Any) -> None:
+    def _record_step(self, scheduler_output: SchedulerOutput) -> None:
         stats = self._stats
         stats.batch_size = len(scheduler_output.scheduled)
         stats.num_prefill_tokens = scheduler_output.num_prefill_tokens

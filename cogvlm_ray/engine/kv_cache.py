@@ -191,14 +191,20 @@ def kv_bytes_per_block(
 
 
 def num_kv_blocks_for(
-    config: EngineConfig, layout: list[tuple[torch.device, torch.dtype]], num_kv_heads: int, head_dim: int
+    config: EngineConfig,
+    layout: list[tuple[torch.device, torch.dtype]],
+    num_kv_heads: int,
+    head_dim: int,
+    reserved_bytes: dict[torch.device, int] | None = None,
 ) -> int:
     """Cache size in blocks: explicit blocks > explicit tokens > GPU free-memory fraction > CPU default.
 
-    On GPU the fraction applies to the memory free *after* the weights are loaded, per device;
-    the smallest device wins (every layer needs the same number of blocks). The remainder is
-    headroom for activations (the vision tower on a step's new images, the MLP of a full
-    token budget).
+    On GPU the fraction applies to the memory free *after* the weights are loaded, per device,
+    minus `reserved_bytes` there (the image-feature cache budget on the embedding device); the
+    smallest device wins (every layer needs the same number of blocks). The remaining
+    `1 - fraction` is headroom for activations, which the token budget bounds: a step touches at
+    most `max_num_batched_tokens` prompt positions, so at most 2-3 real (2306-position) images
+    go through the vision tower together.
     """
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
@@ -211,7 +217,8 @@ def num_kv_blocks_for(
     counts = []
     for device in cuda_devices:
         free_bytes, _total = torch.cuda.mem_get_info(device)
-        counts.append(int(free_bytes * config.kv_cache_memory_fraction) // per_device[device])
+        budget = int(free_bytes * config.kv_cache_memory_fraction) - (reserved_bytes or {}).get(device, 0)
+        counts.append(max(0, budget) // per_device[device])
         logger.info(
             "KV cache on %s: %.2f GiB free, %d bytes/block", device, free_bytes / 2**30, per_device[device]
         )

@@ -36,23 +36,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _PromptState:
-    """Per-request tensors on the host, computed once over the whole prompt."""
+    """Per-request layout, computed once over the whole prompt (host lists: a step slices them
+    and builds each input tensor once for the whole batch)."""
 
-    positions: torch.Tensor
-    """int64 [P]."""
-    vision_expert_mask: torch.Tensor
-    """bool [P]."""
-    image_token_mask: torch.Tensor
-    """bool [P]; positions that receive image rows."""
-    image_rows_before: torch.Tensor
-    """int64 [P + 1]; image rows used by prompt tokens [0, i) (where a chunk's rows start)."""
+    positions: list[int]
+    """[P] rotary positions."""
+    vision_expert_mask: list[bool]
+    """[P]."""
+    image_token_mask: list[bool]
+    """[P]; positions that receive image rows."""
+    image_rows_before: list[int]
+    """[P + 1]; image rows used by prompt tokens [0, i) (where a chunk's rows start)."""
     generator: torch.Generator | None = None
     image_features: torch.Tensor | None = None
     """[num_image_tokens, H] while the prompt is being prefilled."""
 
     @property
     def last_position(self) -> int:
-        return int(self.positions[-1])
+        return self.positions[-1]
 
 
 @dataclass
@@ -74,7 +75,7 @@ class StepInputs:
     """int64 [B] (host): flat index of each sequence's last new token."""
 
 
-def _input_device(model: Any) -> torch.device:
+def input_device(model: Any) -> torch.device:
     """Where token ids go in: the embedding's device (the first device of a sharded model)."""
     device = getattr(model, "embed_device", None)
     if device is not None:
@@ -96,7 +97,7 @@ class ModelRunner:
         self.block_size = block_size
         self.image_cache = image_cache
         self.eos_token_ids = eos_token_ids
-        self.device = _input_device(model)
+        self.device = input_device(model)
         self._states: dict[str, _PromptState] = {}
 
     def release(self, request_id: str) -> None:
@@ -108,10 +109,12 @@ class ModelRunner:
         if state is None:
             types = torch.tensor(request.token_type_ids, dtype=torch.long)
             is_image = types == VISION_TOKEN_TYPE
-            rows_before = torch.zeros(len(types) + 1, dtype=torch.long)
-            rows_before[1:] = is_image.long().cumsum(0)
+            rows_before = [0, *is_image.long().cumsum(0).tolist()]
             state = _PromptState(
-                build_position_ids(types), build_vision_expert_mask(types), is_image, rows_before
+                positions=build_position_ids(types).tolist(),
+                vision_expert_mask=build_vision_expert_mask(types).tolist(),
+                image_token_mask=is_image.tolist(),
+                image_rows_before=rows_before,
             )
             self._states[request.request_id] = state
         return state
@@ -148,9 +151,9 @@ class ModelRunner:
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         """The flat batch: each request's chunk of prompt and/or generated tokens, concatenated."""
         token_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        expert_masks: list[torch.Tensor] = []
-        image_masks: list[torch.Tensor] = []
+        positions: list[int] = []
+        expert_mask: list[bool] = []
+        image_mask: list[bool] = []
         image_rows: list[torch.Tensor] = []
         for item in scheduled:
             request, state = item.request, self._state(item.request)
@@ -158,35 +161,32 @@ class ModelRunner:
             token_ids.extend(request.token_ids(start, end))
             if start < num_prompt:  # prompt part of the chunk: slices of the whole-prompt layout
                 prompt_end = min(end, num_prompt)
-                positions.append(state.positions[start:prompt_end])
-                expert_masks.append(state.vision_expert_mask[start:prompt_end])
-                image_masks.append(state.image_token_mask[start:prompt_end])
-                first_row, last_row = (
-                    int(state.image_rows_before[start]),
-                    int(state.image_rows_before[prompt_end]),
-                )
+                positions.extend(state.positions[start:prompt_end])
+                expert_mask.extend(state.vision_expert_mask[start:prompt_end])
+                image_mask.extend(state.image_token_mask[start:prompt_end])
+                first_row, last_row = state.image_rows_before[start], state.image_rows_before[prompt_end]
                 if last_row > first_row:
                     assert state.image_features is not None, "image features were not loaded"
                     image_rows.append(state.image_features[first_row:last_row])
                 if prompt_end == num_prompt:
                     state.image_features = None  # the cache (or nobody) keeps them from here on
             if end > num_prompt:  # generated tokens: language type, positions continue after the prompt
-                first = max(start, num_prompt) - num_prompt
+                first = state.last_position + 1 + max(start, num_prompt) - num_prompt
                 num_new = end - max(start, num_prompt)
-                positions.append(
-                    torch.arange(first, first + num_new, dtype=torch.long) + state.last_position + 1
-                )
-                expert_masks.append(torch.zeros(num_new, dtype=torch.bool))
-                image_masks.append(torch.zeros(num_new, dtype=torch.bool))
+                positions.extend(range(first, first + num_new))
+                expert_mask.extend([False] * num_new)
+                image_mask.extend([False] * num_new)
 
         device = self.device
         query_lens = [item.num_new_tokens for item in scheduled]
         return StepInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.long).to(device, non_blocking=True),
-            positions=torch.cat(positions).to(device, non_blocking=True),
-            vision_expert_mask=torch.cat(expert_masks).to(device, non_blocking=True),
+            positions=torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
+            vision_expert_mask=torch.tensor(expert_mask, dtype=torch.bool).to(device, non_blocking=True),
             image_embeds=torch.cat(image_rows) if image_rows else None,
-            image_token_mask=torch.cat(image_masks).to(device, non_blocking=True) if image_rows else None,
+            image_token_mask=torch.tensor(image_mask, dtype=torch.bool).to(device, non_blocking=True)
+            if image_rows
+            else None,
             attn_metadata=AttentionMetadata.build(
                 query_lens=query_lens,
                 context_lens=[item.num_computed_tokens for item in scheduled],
@@ -218,11 +218,10 @@ class ModelRunner:
             state = self._state(request)
             prompt_end = min(item.end, request.num_prompt_tokens)
             rows_before = state.image_rows_before
-            chunk_rows = int(rows_before[prompt_end]) - int(rows_before[item.num_computed_tokens])
+            chunk_rows = rows_before[prompt_end] - rows_before[item.num_computed_tokens]
             if chunk_rows == 0:
-                if request.image_cache_hit is None and int(rows_before[item.num_computed_tokens]) == int(
-                    rows_before[-1]
-                ):
+                whole_image_cached = rows_before[item.num_computed_tokens] == rows_before[-1]
+                if request.image_cache_hit is None and whole_image_cached:
                     request.image_cache_hit = True  # the whole image span came from the prefix cache
                 continue
             if state.image_features is not None:

@@ -16,7 +16,10 @@ Policy (one step, token budget `max_num_batched_tokens`):
    (`num_waiting_for_kv`). With prefix caching, full prompt blocks already computed for the
    same prefix are adopted at admission and the request starts at `num_computed_tokens` > 0.
 With chunked prefill a long (image) prompt takes whatever budget is left after the decodes,
-so running streams keep producing a token every step.
+so running streams keep producing a token every step. (A request only joins `running` when the
+budget still has room for it after the requests ahead of it, and a preempted one rejoins at
+the end, so a request still prefilling never sits before one that decodes: walking `running`
+in order serves every decode first.)
 """
 
 from __future__ import annotations

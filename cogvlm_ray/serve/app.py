@@ -29,6 +29,7 @@ from cogvlm_ray.serve.backend import RayChatBackend
 from cogvlm_ray.serve.ingress import IngressSettings, create_app
 from cogvlm_ray.serve.metrics import cleanup_dead_processes, get_metrics
 from cogvlm_ray.serve.model_source import is_tiny_random, resolve_model_path
+from cogvlm_ray.serve.router import ROUTER_CLASS_PATH
 from cogvlm_ray.serve.server import ModelServer, PreprocessServer
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,8 @@ def _metrics(args: AppArgs) -> Any:
     return get_metrics(multiprocess_dir=directory, use_ray=args.ray_metrics)
 
 
-def _model_dir(args: AppArgs) -> Path:
-    return resolve_model_path(args.model, os.path.expanduser(args.cache_dir))
+def _model_dir(args: AppArgs, *, weights: bool = True) -> Path:
+    return resolve_model_path(args.model, os.path.expanduser(args.cache_dir), weights=weights)
 
 
 @serve.deployment(name=PREPROCESSOR, max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
@@ -142,7 +143,8 @@ class PreprocessorDeployment:
         from cogvlm_ray.serve.factories import make_preprocessor
 
         args = AppArgs.model_validate(raw_args)
-        self.server = PreprocessServer(make_preprocessor(args, _model_dir(args)), metrics=_metrics(args))
+        model_dir = _model_dir(args, weights=False)
+        self.server = PreprocessServer(make_preprocessor(args, model_dir), metrics=_metrics(args))
 
     async def prepare(
         self, messages: list[dict[str, Any]], max_tokens: int, template_version: str | None
@@ -150,8 +152,14 @@ class PreprocessorDeployment:
         return await self.server.prepare(messages, max_tokens, template_version)
 
 
-@serve.deployment(name=MODEL_SERVER, max_ongoing_requests=32, max_queued_requests=64,
-                  graceful_shutdown_timeout_s=60, health_check_period_s=10, health_check_timeout_s=30)  # fmt: skip
+@serve.deployment(
+    name=MODEL_SERVER,
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    graceful_shutdown_timeout_s=60,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+)
 class ModelDeployment:
     """GPU (or CPU): one continuous-batching engine per replica."""
 
@@ -160,8 +168,11 @@ class ModelDeployment:
 
         args = AppArgs.model_validate(raw_args)
         model_dir = _model_dir(args)
-        self.server = ModelServer(lambda: load_engine(args, model_dir), metrics=_metrics(args),
-                                  shutdown_timeout_s=args.shutdown_timeout_s)  # fmt: skip
+        self.server = ModelServer(
+            lambda: load_engine(args, model_dir),
+            metrics=_metrics(args),
+            shutdown_timeout_s=args.shutdown_timeout_s,
+        )
         await self.server.start()
 
     async def generate(
@@ -204,15 +215,19 @@ class IngressDeployment:
                 max_tokens=args.default_max_tokens,
                 temperature=args.default_temperature,
                 top_p=args.default_top_p,
-            ),  # fmt: skip
+            ),
             playground=args.playground,
         )
         app_name = serve.get_replica_context().app_name
-        self.backend = RayChatBackend(preprocessor, model, app_name=app_name,
-                                      deployment_names=(MODEL_SERVER, PREPROCESSOR),
-                                      max_num_seqs=args.engine.max_num_seqs,
-                                      max_queued_requests=args.max_queued_requests,
-                                      fail_fast_without_replicas=args.fail_fast_without_replicas)  # fmt: skip
+        self.backend = RayChatBackend(
+            preprocessor,
+            model,
+            app_name=app_name,
+            deployment_names=(MODEL_SERVER, PREPROCESSOR),
+            max_num_seqs=args.engine.max_num_seqs,
+            max_queued_requests=args.max_queued_requests,
+            fail_fast_without_replicas=args.fail_fast_without_replicas,
+        )
         self.metrics = _metrics(args)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -264,7 +279,7 @@ def _request_router_config(args: AppArgs) -> RequestRouterConfig:
         return RequestRouterConfig()
     metrics_dir = os.environ.get(METRICS_DIR_ENV, os.path.expanduser(args.metrics_dir))
     return RequestRouterConfig(
-        request_router_class="cogvlm_ray.serve.router:ImageAffinityRouter",
+        request_router_class=ROUTER_CLASS_PATH,
         request_router_kwargs={
             "max_load_imbalance": args.routing.max_load_imbalance,
             "max_affinity_candidates": args.routing.max_affinity_candidates,

@@ -47,8 +47,9 @@ def to_api_error(error: BaseException) -> BaseException:
     if isinstance(error, serve_exceptions.DeploymentUnavailableError):
         return ServiceUnavailableError(f"model deployment unavailable: {error}", code="no_replica")
     if isinstance(error, ray_exceptions.RayActorError | ray_exceptions.ActorUnavailableError):
-        return ServiceUnavailableError("the model replica serving this request died; retry the request",
-                                       code="replica_died")  # fmt: skip
+        return ServiceUnavailableError(
+            "the model replica serving this request died; retry the request", code="replica_died"
+        )
     return error
 
 
@@ -77,6 +78,7 @@ class RayChatBackend:
         self.fail_fast_without_replicas = fail_fast_without_replicas
         self._status: tuple[float, str | None, int] = (0.0, None, 1)
         self._num_in_flight = 0
+        self._refresh: asyncio.Future[str | None] | None = None
 
     @property
     def num_in_flight(self) -> int:
@@ -109,8 +111,10 @@ class RayChatBackend:
             await self._readiness_problem()  # refreshes the replica count behind capacity()
         capacity = self.capacity()
         if capacity is not None and self._num_in_flight >= capacity:  # no await between check and increment
-            raise OverloadedError(f"the model queue is full ({self._num_in_flight} requests in flight); retry shortly",
-                                  code="queue_full")  # fmt: skip
+            raise OverloadedError(
+                f"the model queue is full ({self._num_in_flight} requests in flight); retry shortly",
+                code="queue_full",
+            )
         self._num_in_flight += 1
         try:
             prepared = self.preprocessor.prepare.remote(
@@ -137,9 +141,20 @@ class RayChatBackend:
 
     async def _readiness_problem(self) -> str | None:
         """None when every deployment has a RUNNING replica, else why not (cached briefly)."""
-        checked_at, problem, num_model_replicas = self._status
+        checked_at, problem, _ = self._status
         if time.monotonic() - checked_at < self.status_cache_s:
             return problem
+        if self._refresh is None:  # one status query at a time, however many requests wait on it
+            self._refresh = asyncio.ensure_future(self._refresh_status())
+        refresh = self._refresh
+        try:
+            return await asyncio.shield(refresh)
+        finally:
+            if refresh.done() and self._refresh is refresh:
+                self._refresh = None
+
+    async def _refresh_status(self) -> str | None:
+        _, problem, num_model_replicas = self._status
         try:
             problem, num_model_replicas = await asyncio.to_thread(self._query_status)
         except Exception:

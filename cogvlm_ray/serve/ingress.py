@@ -118,8 +118,14 @@ def _validation_error(error: ValidationError | RequestValidationError) -> JSONRe
     summary = "; ".join(
         f"{'.'.join(str(p) for p in d.get('loc', ()) if p != 'body')}: {d.get('msg')}" for d in details[:5]
     )
-    body = {"error": {"message": f"invalid request: {summary}", "type": "invalid_request_error",
-                      "param": loc or None, "code": "validation_error"}}  # fmt: skip
+    body = {
+        "error": {
+            "message": f"invalid request: {summary}",
+            "type": "invalid_request_error",
+            "param": loc or None,
+            "code": "validation_error",
+        }
+    }
     return JSONResponse(body, status_code=422)
 
 
@@ -190,8 +196,9 @@ def create_app(
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), settings.api_key.encode()
         ):
-            raise AuthenticationError("missing or invalid API key (send 'Authorization: Bearer <key>')",
-                                      code="invalid_api_key")  # fmt: skip
+            raise AuthenticationError(
+                "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+            )
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -207,10 +214,16 @@ def create_app(
     async def list_models() -> JSONResponse:
         created = int(time.time())
         cards = [
-            {"id": name, "object": "model", "created": created, "owned_by": "cogvlm-ray",
-             "root": settings.model_root, "max_model_len": settings.max_model_len}
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "cogvlm-ray",
+                "root": settings.model_root,
+                "max_model_len": settings.max_model_len,
+            }
             for name in settings.served_model_names
-        ]  # fmt: skip
+        ]
         return JSONResponse({"object": "list", "data": cards})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
@@ -242,8 +255,9 @@ def create_app(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             writer = chat.ChunkWriter(request_id, model, include_usage=include_usage)
             events = _sse_events(writer, first, outputs, deadline, settings.request_timeout_s)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})  # fmt: skip
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+            )
         try:
             parts, last = [first.new_text], first
             while not last.finished:
@@ -254,8 +268,9 @@ def create_app(
             _raise_as_api_error(e)
         finally:
             await _close(outputs)
-        return JSONResponse(chat.completion_body(request_id, model, int(time.time()), "".join(parts), last),
-                            headers=headers)  # fmt: skip
+        return JSONResponse(
+            chat.completion_body(request_id, model, int(time.time()), "".join(parts), last), headers=headers
+        )
 
     if settings.playground:
         from cogvlm_ray.serve.playground import mount_playground
@@ -277,8 +292,9 @@ async def _next_before(
             "the model stream ended without a final delta", code="stream_ended"
         ) from None
     except asyncio.TimeoutError:
-        raise RequestTimeoutError(f"request exceeded the server timeout of {timeout_s} s",
-                                  code="request_timeout") from None  # fmt: skip
+        raise RequestTimeoutError(
+            f"request exceeded the server timeout of {timeout_s} s", code="request_timeout"
+        ) from None
 
 
 def _raise_as_api_error(error: BaseException) -> NoReturn:

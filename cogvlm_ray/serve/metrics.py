@@ -204,11 +204,22 @@ ROUTING_DECISIONS = MetricSpec(
 )
 
 METRICS: tuple[MetricSpec, ...] = (
-    TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME,
-    NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE,
-    PROMPT_TOKENS, GENERATION_TOKENS, REQUEST_SUCCESS, IMAGE_CACHE_HITS, IMAGE_CACHE_QUERIES,
-    HTTP_REQUESTS, PREPROCESS_SECONDS, ROUTING_DECISIONS,
-)  # fmt: skip
+    TIME_TO_FIRST_TOKEN,
+    INTER_TOKEN_LATENCY,
+    E2E_REQUEST_LATENCY,
+    REQUEST_QUEUE_TIME,
+    NUM_REQUESTS_RUNNING,
+    NUM_REQUESTS_WAITING,
+    KV_CACHE_USAGE,
+    PROMPT_TOKENS,
+    GENERATION_TOKENS,
+    REQUEST_SUCCESS,
+    IMAGE_CACHE_HITS,
+    IMAGE_CACHE_QUERIES,
+    HTTP_REQUESTS,
+    PREPROCESS_SECONDS,
+    ROUTING_DECISIONS,
+)
 
 RAY_PREFIX = "ray_"
 
@@ -289,8 +300,13 @@ class Metrics:
             if spec.kind == "counter":
                 metric = Counter(spec.name, spec.help, spec.labels, registry=self.registry)
             elif spec.kind == "gauge":
-                metric = Gauge(spec.name, spec.help, spec.labels, registry=self.registry,
-                               multiprocess_mode=spec.multiprocess_mode)  # fmt: skip
+                metric = Gauge(
+                    spec.name,
+                    spec.help,
+                    spec.labels,
+                    registry=self.registry,
+                    multiprocess_mode=spec.multiprocess_mode,
+                )
             else:
                 metric = Histogram(
                     spec.name, spec.help, spec.labels, registry=self.registry, buckets=spec.buckets

@@ -29,10 +29,22 @@ def tiny_preset(model: str) -> str:
     return model.split(":", 1)[1] if ":" in model else "tiny"
 
 
-def resolve_model_path(model: str, cache_dir: str | os.PathLike) -> Path:
-    """A local checkpoint directory for `model` (downloading or creating it when needed)."""
+#: What a preprocessing replica needs from a hub checkpoint: config and tokenizer, not 39 GB of weights.
+CONFIG_AND_TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt"]
+
+
+def resolve_model_path(model: str, cache_dir: str | os.PathLike, *, weights: bool = True) -> Path:
+    """A local checkpoint directory for `model` (downloading or creating it when needed).
+
+    `weights=False` (preprocessing replicas) downloads only the config and tokenizer files of a
+    hub checkpoint; a local directory or tiny-random checkpoint is returned as it is.
+    """
     if is_tiny_random(model):
         return ensure_tiny_checkpoint(Path(cache_dir), tiny_preset(model))
+    if not weights and not Path(model).expanduser().exists():
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=CONFIG_AND_TOKENIZER_PATTERNS))
     from cogvlm_ray.model.loading import resolve_checkpoint_dir
 
     return resolve_checkpoint_dir(model)

@@ -36,7 +36,10 @@ def test_model_replicas_that_cannot_be_scheduled_give_503_not_a_hang(
         deadline = time.monotonic() + 120
         health = None
         while time.monotonic() < deadline:  # until the ingress itself is up (404/503 from the proxy before)
-            health = httpx.get(base + "/health", timeout=10)
+            try:  # the proxy holds requests while the new ingress replica starts
+                health = httpx.get(base + "/health", timeout=10)
+            except httpx.TimeoutException:
+                continue
             if health.headers.get("content-type", "").startswith("application/json"):
                 break
             time.sleep(1)

@@ -114,3 +114,34 @@ def test_prefix_blocks_are_shared_then_kept_then_evicted_tail_first():
     disabled.allocate("a", 8)
     disabled.cache_blocks("a", hashes, 8)
     assert disabled.lookup_prefix(hashes) == []
+
+
+def test_gpu_sizing_uses_free_memory_after_weights_minus_the_image_cache(monkeypatch):
+    gib = 1 << 30
+    free = {torch.device("cuda:0"): 10 * gib, torch.device("cuda:1"): 4 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[torch.device(device)], 80 * gib))
+    # Two layers per device, bf16, 8 KV heads x 128: 2 * 16 * 8 * 128 * 2 B = 64 KiB per layer per block.
+    layout = [(torch.device("cuda:0"), torch.bfloat16)] * 2 + [(torch.device("cuda:1"), torch.bfloat16)] * 2
+    per_block = 2 * 65536
+    config = EngineConfig(kv_cache_memory_fraction=0.5, image_cache_bytes=gib)
+    blocks = num_kv_blocks_for(config, layout, 8, 128, reserved_bytes={torch.device("cuda:0"): gib})
+    # cuda:0: 5 GiB - 1 GiB reserved; cuda:1: 2 GiB -> the smaller device decides.
+    assert blocks == (2 * gib) // per_block
+    free[torch.device("cuda:1")] = 20 * gib
+    blocks = num_kv_blocks_for(config, layout, 8, 128, reserved_bytes={torch.device("cuda:0"): gib})
+    assert blocks == (4 * gib) // per_block
+
+
+def test_stop_ids_join_config_and_generation_config(tmp_path):
+    from types import SimpleNamespace
+
+    from cogvlm_ray.config import ModelConfig
+    from cogvlm_ray.engine.engine import checkpoint_stop_token_ids
+
+    config = ModelConfig(eos_token_id=(513, 521))
+    loaded = SimpleNamespace(model_config=config, generation_config=SimpleNamespace(eos_token_id=[521, 600]))
+    assert checkpoint_stop_token_ids(loaded, SimpleNamespace(name_or_path=None)) == (513, 521, 600)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 700}')
+    bare = SimpleNamespace(model_config=config)
+    assert checkpoint_stop_token_ids(bare, SimpleNamespace(name_or_path=str(tmp_path))) == (513, 521, 700)
+    assert checkpoint_stop_token_ids(bare, SimpleNamespace(name_or_path=None)) == (513, 521)
