@@ -24,12 +24,13 @@ RUN apt-get update \
 USER ray
 
 WORKDIR /home/ray/cogvlm-ray
-# Dependencies first (cached layer), then the package itself.
+# Dependencies first (cached layer), then the package itself, with the `quant` extra
+# (bitsandbytes, torchao) so `quantization:` settings work in the image.
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users cogvlm_ray ./cogvlm_ray
 RUN pip install --no-cache-dir \
         --extra-index-url "https://download.pytorch.org/whl/${TORCH_INDEX}" \
-        . \
+        ".[quant]" \
     && python -c "import importlib.metadata as m, ray; \
 v = [r for r in m.requires('cogvlm-ray') if r.startswith('ray')][0]; \
 assert ray.__version__ in v, f'base image has ray {ray.__version__}, package pins {v}'; \

@@ -64,35 +64,42 @@ def best(runs: list[tuple[RunSummary, dict[str, float]]]) -> tuple[RunSummary, d
     return max(runs, key=lambda run: run[0].output_token_throughput)
 
 
-def cpu_seconds(root_pid: int | None) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by this process and every descendant of `root_pid`,
-    summed per role: Ray replicas by deployment name, the proxy, the Ray system processes."""
+def cpu_seconds(root_pid: int | None) -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU seconds used so far) for this process and every descendant of `root_pid`.
+
+    Roles: Ray replicas by deployment name, the proxy and controller, the other Ray processes."""
     import psutil
 
-    out = {"load generator / in-process engine": sum(psutil.Process().cpu_times()[:2])}
+    me = psutil.Process()
+    out = {me.pid: ("load generator / in-process engine", sum(me.cpu_times()[:2]))}
     if root_pid is None:
         return out
-    for proc in psutil.Process(root_pid).children(recursive=True) + [psutil.Process(root_pid)]:
+    root = psutil.Process(root_pid)
+    for proc in [root, *root.children(recursive=True)]:
         try:
             title = " ".join(proc.cmdline()) or proc.name()
             used = sum(proc.cpu_times()[:2])
         except psutil.Error:
             continue
-        if "ServeReplica:" in title:
-            label = title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]
+        if "ServeReplica:" in title:  # "ray::ServeReplica:<app>:<deployment>[.<method>]"
+            label = title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
         elif "ProxyActor" in title or "ServeController" in title:
             label = "ProxyActor" if "ProxyActor" in title else "ServeController"
         else:
             label = "ray system + serve run"
-        out[label] = out.get(label, 0.0) + used
+        out[proc.pid] = (label, used)
     return out
 
 
 def cpu_ms_per_token(
-    before: dict[str, float], after: dict[str, float], summary: RunSummary
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], summary: RunSummary
 ) -> dict[str, float]:
+    """CPU milliseconds per output token, per role, between two `cpu_seconds` snapshots."""
     tokens = max(summary.total_output_tokens, 1)
-    return {k: round(1000 * (after.get(k, 0.0) - before.get(k, 0.0)) / tokens, 3) for k in after}
+    out: dict[str, float] = {}
+    for pid, (label, used) in after.items():
+        out[label] = out.get(label, 0.0) + used - before.get(pid, (label, 0.0))[1]
+    return {label: round(1000 * seconds / tokens, 3) for label, seconds in out.items()}
 
 
 # ---- in-process engine ----------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """Routing benchmark: Serve's default power-of-two routing vs image-affinity routing.
 
     python bench/routing_bench.py [--images 24] [--turns 4] [--concurrency 4] [--max-tokens 8]
-                                  [--rounds 4] [--preset bench] [--json out.json]
+                                  [--rounds 4] [--preset bench] [--image-size 448] [--json out.json]
 
 For each policy, one Serve application (the real app: ingress, preprocessor, 2 ModelServer
-replicas of the random `tiny-random:<preset>` checkpoint, float32 on CPU) runs in one local Ray
-cluster, and the same multi-turn workload goes to each through HTTP: `--images` conversations,
-each about its own image (224 px JPEG), `--turns` turns sent one after another with the chat
-history (turn k carries the image, the earlier questions and the answers), `--concurrency`
-conversations at a time, streamed, greedy, `--max-tokens` tokens per answer (ignore_eos).
+replicas, float32 on CPU) runs in one local Ray cluster, and the same multi-turn workload goes to
+each through HTTP: `--images` conversations, each about its own image (JPEG), `--turns` turns
+sent one after another with the chat history (turn k carries the image, the earlier questions
+and the answers), `--concurrency` conversations at a time, streamed, greedy, `--max-tokens`
+tokens per answer (ignore_eos).
+The model is the random `--preset` checkpoint (`bench`: LM hidden 512, 8 layers; vision hidden
+256, 4 layers) with `--image-size` px images: 448 px gives 1,025 vision-tower tokens and 258
+image positions, so that, as with the real model (2,306 image positions), the image dominates
+the prompt and a cache miss is costly.
 Both apps are up for the whole run but only one is driven at a time; the images are split into
 `--rounds` rounds that alternate the order of the policies (A B, B A, ...), so drifts in the
 machine's background load hit both policies alike.

@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import sys
+from typing import TextIO
 
 import httpx
 
@@ -98,7 +99,7 @@ def discover_model(base_url: str, api_key: str | None, timeout_s: float = 30.0) 
     return models[0]["id"]
 
 
-def run_sweep(args: argparse.Namespace, stderr=None) -> dict:
+def run_sweep(args: argparse.Namespace, stderr: TextIO | None = None) -> dict:
     """Run every level and return the JSON-ready result document."""
     model = args.model or discover_model(args.base_url, args.api_key)
     spec = WorkloadSpec(
@@ -133,15 +134,9 @@ def run_sweep(args: argparse.Namespace, stderr=None) -> dict:
             api_key=args.api_key,
             seed=args.seed,
         )
-        if warmup:
-            asyncio.run(
-                run_requests(
-                    warmup,
-                    RunSettings(
-                        url=url, concurrency=concurrency or 1, timeout_s=args.timeout, api_key=args.api_key
-                    ),
-                )
-            )
+        if warmup:  # closed loop, uncounted
+            warm_settings = dataclasses.replace(settings, concurrency=concurrency or 1, request_rate=None)
+            asyncio.run(run_requests(warmup, warm_settings))
         progress = Progress(label, len(requests), stream=stderr)
         results, duration = asyncio.run(run_requests(requests, settings, progress))
         summary = summarize(results, duration)

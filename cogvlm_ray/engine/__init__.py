@@ -19,9 +19,31 @@ Modules: config (EngineConfig), kv_cache (paged blocks + tensors), image_cache (
 LRU), validation, engine (async API and the step loop). Stats: engine/stats.py.
 """
 
-from cogvlm_ray.engine.config import EngineConfig
-from cogvlm_ray.engine.engine import Engine
-from cogvlm_ray.engine.request import RequestOutput, SamplingParams
-from cogvlm_ray.engine.stats import EngineStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cogvlm_ray.engine.config import EngineConfig
+    from cogvlm_ray.engine.engine import Engine
+    from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+    from cogvlm_ray.engine.stats import EngineStats
+
+# Exports resolve lazily: the ingress imports `engine.request` for SamplingParams and must not
+# pay for torch (~180 MiB per replica) by importing the engine package's heavy modules.
+_EXPORTS = {
+    "Engine": "cogvlm_ray.engine.engine",
+    "EngineConfig": "cogvlm_ray.engine.config",
+    "EngineStats": "cogvlm_ray.engine.stats",
+    "RequestOutput": "cogvlm_ray.engine.request",
+    "SamplingParams": "cogvlm_ray.engine.request",
+}
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

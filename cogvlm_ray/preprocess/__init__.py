@@ -11,21 +11,43 @@ preprocessor.py  Preprocessor.prepare(messages, max_tokens=..., template_version
 prepared.py      PreparedPrompt, the dataclass that crosses to the model replica
 """
 
-from cogvlm_ray.preprocess.images import CLIP_MEAN, CLIP_STD, DecodedImage, decode_image, normalize_image
-from cogvlm_ray.preprocess.options import PreprocessOptions
-from cogvlm_ray.preprocess.prepared import PreparedPrompt
-from cogvlm_ray.preprocess.preprocessor import Preprocessor
-from cogvlm_ray.preprocess.prompt import build_conversation_input_ids, build_prompt_ids
+from __future__ import annotations
 
-__all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "DecodedImage",
-    "PreparedPrompt",
-    "PreprocessOptions",
-    "Preprocessor",
-    "build_conversation_input_ids",
-    "build_prompt_ids",
-    "decode_image",
-    "normalize_image",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cogvlm_ray.preprocess.images import (
+        CLIP_MEAN,
+        CLIP_STD,
+        DecodedImage,
+        decode_image,
+        normalize_image,
+    )
+    from cogvlm_ray.preprocess.options import PreprocessOptions
+    from cogvlm_ray.preprocess.prepared import PreparedPrompt
+    from cogvlm_ray.preprocess.preprocessor import Preprocessor
+    from cogvlm_ray.preprocess.prompt import build_conversation_input_ids, build_prompt_ids
+
+# Exports resolve lazily, so importing `preprocess.prepared` (the ingress and the model server
+# pass PreparedPrompt around) does not import torch and transformers.
+_EXPORTS = {
+    "CLIP_MEAN": "cogvlm_ray.preprocess.images",
+    "CLIP_STD": "cogvlm_ray.preprocess.images",
+    "DecodedImage": "cogvlm_ray.preprocess.images",
+    "decode_image": "cogvlm_ray.preprocess.images",
+    "normalize_image": "cogvlm_ray.preprocess.images",
+    "PreprocessOptions": "cogvlm_ray.preprocess.options",
+    "PreparedPrompt": "cogvlm_ray.preprocess.prepared",
+    "Preprocessor": "cogvlm_ray.preprocess.preprocessor",
+    "build_conversation_input_ids": "cogvlm_ray.preprocess.prompt",
+    "build_prompt_ids": "cogvlm_ray.preprocess.prompt",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

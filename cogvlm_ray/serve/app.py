@@ -56,6 +56,7 @@ class EngineArgs(_Args):
     image_cache_bytes: int = Field(1 << 30, ge=0)
     max_waiting: int = Field(256, ge=1)
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     max_model_len: int | None = Field(None, ge=2)
 
 
@@ -92,6 +93,11 @@ class AppArgs(_Args):
     """The `model` name clients send; default: the last path component of `model`."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    quantization: Literal["none", "bnb-4bit", "bnb-8bit", "int8-wo", "int8-dq", "fp8"] = "none"
+    """Quantize a float checkpoint at load (docs/quantization.md). "none" serves the checkpoint as
+    stored, which also serves the official int4 checkpoint (its config says it is quantized)."""
+    quantize_vision: bool = True
+    """With `quantization`: also quantize the vision tower (false keeps it in `dtype`)."""
     cache_dir: str = "~/.cache/cogvlm_ray"
     """Where "tiny-random" checkpoints are created (hub downloads use HF_HOME)."""
     engine: EngineArgs = EngineArgs()

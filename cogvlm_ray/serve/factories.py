@@ -53,7 +53,13 @@ def load_engine(args: AppArgs, model_dir: Path) -> Any:
         device_map,
         num_gpus,
     )
-    model = load_model(model_dir, dtype=args.dtype, device_map=device_map)
+    model = load_model(
+        model_dir,
+        dtype=args.dtype,
+        device_map=device_map,
+        quantization=None if args.quantization == "none" else args.quantization,
+        quantize_vision=args.quantize_vision,
+    )
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
     return Engine(model, tokenizer, EngineConfig(**args.engine.model_dump()))
 

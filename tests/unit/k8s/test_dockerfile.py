@@ -55,7 +55,7 @@ def test_installs_the_package_without_weights_or_secrets() -> None:
     copies = " ".join(rest for keyword, rest in steps if keyword in ("COPY", "ADD"))
     assert "cogvlm_ray" in copies and "pyproject.toml" in copies
     assert any(
-        keyword == "RUN" and "pip install" in rest and re.search(r"\s\.(\s|$)", rest)
+        keyword == "RUN" and "pip install" in rest and re.search(r"""\s"?\.(\[[a-z,]+\])?"?(\s|$)""", rest)
         for keyword, rest in steps
     )
     text = " ".join(rest for _, rest in steps)

@@ -12,7 +12,7 @@ from cogvlm_ray.serve.app import INGRESS, MODEL_SERVER, PREPROCESSOR, AppArgs, b
 from cogvlm_ray.serve.factories import NoGPUError, device_map_for
 
 REPO = Path(__file__).resolve().parents[3]
-CONFIGS = ["serve_config.yaml", "serve_config.local.yaml"]
+CONFIGS = ["serve_config.yaml", "serve_config.local.yaml", "serve_config.int4.yaml"]
 
 
 def load(name: str) -> dict:
