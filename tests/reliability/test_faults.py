@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import APP_NAME
+from tests.integration.conftest import APP_NAME, MAX_NUM_SEQS
 from tests.reliability.corpus import chat_body, data_url, image_message, png_bytes
 from tests.reliability.helpers import (
     CHAT,
@@ -76,8 +76,11 @@ async def _streams_then_kill(
         ]
         deadline = time.monotonic() + 60
         while not all(len(log.contents) >= 3 for log in logs):
-            assert time.monotonic() < deadline, "streams did not start"
-            assert not any(task.done() for task in tasks), [log.status for log in logs]
+            assert time.monotonic() < deadline, f"streams did not start: {[log.status for log in logs]}"
+            for task in tasks:
+                if task.done():
+                    task.result()  # re-raise a client-side failure as it is
+                    raise AssertionError(f"a stream ended before the kill: {[log.status for log in logs]}")
             await asyncio.sleep(0.05)
         killed_at = time.monotonic()
         pid = kill_replica(APP_NAME, deployment)
@@ -85,7 +88,7 @@ async def _streams_then_kill(
     return logs, killed_at, pid
 
 
-@pytest.mark.parametrize("num_streams", [3])
+@pytest.mark.parametrize("num_streams", [3])  # < MAX_NUM_SEQS: all running, none queued
 def test_model_replica_killed_mid_stream(serve_app, num_streams):
     logs, killed_at, pid = asyncio.run(_streams_then_kill(serve_app, num_streams, MODEL_SERVER))
     for log in logs:
@@ -154,8 +157,8 @@ def test_client_disconnects_free_engine_slots(serve_app):
 
 @pytest.mark.slow
 def test_repeated_model_kills_under_load(serve_app):
-    """Three kill/recover cycles, each with 6 streams in flight."""
+    """Three kill/recover cycles, each with a full engine batch of streams in flight."""
     for _ in range(3):
-        logs, killed_at, _ = asyncio.run(_streams_then_kill(serve_app, 6, MODEL_SERVER))
+        logs, killed_at, _ = asyncio.run(_streams_then_kill(serve_app, MAX_NUM_SEQS, MODEL_SERVER))
         assert all(log.errors and log.end_time - killed_at < STREAM_END_BOUND_S for log in logs)
         _request_until_ok(serve_app, chat_body("hi", model=serve_app.model, max_tokens=4))
