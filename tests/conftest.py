@@ -17,3 +17,13 @@ torch.set_num_threads(1)
 def fixture_dir() -> Path:
     """The official tiny CogVLM2 checkpoint + tokenizer + golden outputs (copied from shared/)."""
     return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def serve_app(tmp_path_factory: pytest.TempPathFactory):
+    """The real app on the tiny random model in one local Ray cluster for the whole session
+    (integration, reliability, router and browser suites share it; see tests/serve_app.py)."""
+    from tests.serve_app import start_serve_app
+
+    with start_serve_app(tmp_path_factory.mktemp("serve")) as app:
+        yield app

@@ -15,6 +15,7 @@ gone -> 503, errors raised in a replica -> their own class), and readiness from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -135,7 +136,10 @@ class RayChatBackend:
                     raise
                 raise mapped from None
             finally:
-                response.cancel()  # no-op when finished; otherwise aborts the request in the engine
+                # No-op when finished; otherwise aborts the request in the engine. It can re-raise
+                # the call's own error (e.g. BackPressureError), which must not replace the mapped one.
+                with contextlib.suppress(Exception):
+                    response.cancel()
         finally:
             self._num_in_flight -= 1
 

@@ -109,6 +109,8 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequestError(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply", code="invalid_json") from None
 
 
 def _validation_error(error: ValidationError | RequestValidationError) -> JSONResponse:

@@ -36,9 +36,11 @@ EXPECT_TIMEOUT_MS = 30_000
 PLAYWRIGHT_MISSING = "playwright is not installed: pip install playwright (never `playwright install`)"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the whole session; tests open their own pages."""
+    """One headless Chromium per module; tests open their own pages. Module scope on purpose:
+    Playwright's sync API keeps an asyncio loop marked running on the main thread while it is
+    open, and Ray Serve's sync handle calls in later suites refuse to run under it."""
     if not CHROMIUM_PATH.exists():
         pytest.skip(f"{CHROMIUM_PATH} not found: install Debian's chromium (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING)

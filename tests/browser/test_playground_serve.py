@@ -11,47 +11,27 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.browser.conftest import PLAYWRIGHT_MISSING, make_test_png
-from tests.integration.conftest import API_KEY, free_port, integration_app_args
+from tests.serve_app import API_KEY
 
 expect = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING).expect
 from tests.browser.playground_page import PlaygroundPage  # noqa: E402  (needs playwright)
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
-APP_NAME = "cogvlm-playground"
 MODEL_NAME = "cogvlm2-tiny"
 STATS = re.compile(r"TTFT \d+ ms · \d+\.\d tok/s · \d+ tokens · finish: (stop|length)")
 
 
 @pytest.fixture(scope="module")
-def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local Ray cluster running the real app with the playground on (~20 s to bring up)."""
-    import ray
-    from ray import serve
-
-    from cogvlm_ray.serve.app import build_app
-
-    if ray.is_initialized():
-        pytest.skip("another suite's Ray cluster is running in this process; run tests/browser on its own")
-    tmp = tmp_path_factory.mktemp("playground-serve")
-    args = integration_app_args(tmp) | {"served_model_name": MODEL_NAME, "playground": True}
-    ray.init(
-        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="warning"
-    )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        ray.shutdown()
+def serve_url(serve_app) -> str:
+    """The session's real app (tests/serve_app.py): playground on, API key on."""
+    return serve_app.base_url
 
 
 def test_user_session_on_the_real_app(page, serve_url, tmp_path, artifact_dir) -> None:

@@ -1,98 +1,14 @@
-"""One session-scoped local Ray cluster running the real app on the tiny random model.
+"""Integration suites use the session-wide `serve_app` fixture (tests/conftest.py).
 
-Reusable: other suites (tests/reliability) import `serve_app` / `ServeApp` from here. The app
-runs with small limits so queueing and back-pressure are reachable with a few requests:
-4 running sequences per model replica, 24 queued, 2 MiB bodies, API key "test-key".
+The names below are re-exported for the suites that import them from here.
 """
 
-from __future__ import annotations
-
-import socket
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
-import pytest
-
-API_KEY = "test-key"
-APP_NAME = "cogvlm"
-MAX_NUM_SEQS = 4
-MAX_QUEUED_REQUESTS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class ServeApp:
-    base_url: str
-    """http://127.0.0.1:<port> (no /v1)."""
-    api_key: str
-    model: str
-    """The served model name."""
-    ray_metrics_url: str
-    """Ray's per-node metrics exporter (`ray_`-prefixed series)."""
-    metrics_dir: Path
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-    def model_stats(self):
-        """EngineStats of the (single) ModelServer replica."""
-        from ray import serve
-
-        return serve.get_deployment_handle("ModelServer", app_name=APP_NAME).get_stats.remote().result()
-
-
-def integration_app_args(tmp: Path) -> dict:
-    return {
-        "model": "tiny-random",
-        "served_model_name": "cogvlm2-tiny",
-        "dtype": "float32",
-        "device": "cpu",
-        "cache_dir": str(tmp / "models"),
-        "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_kv_tokens": 16384, "image_cache_bytes": 1 << 24},
-        "max_queued_requests": MAX_QUEUED_REQUESTS,
-        "api_key": API_KEY,
-        "max_request_bytes": 2 * 1024 * 1024,
-        "request_timeout_s": 60,
-        "default_max_tokens": 16,
-        "metrics_dir": str(tmp / "prom"),
-    }
-
-
-@pytest.fixture(scope="session")
-def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
-    import ray
-    from ray import serve
-
-    from cogvlm_ray.serve.app import build_app
-
-    tmp = tmp_path_factory.mktemp("serve")
-    metrics_port = free_port()
-    ray.init(
-        address="local",
-        num_cpus=8,  # logical: several apps share this cluster (tests/integration/test_router.py)
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="warning",
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
-    )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(integration_app_args(tmp)), name=APP_NAME, route_prefix="/")
-        yield ServeApp(
-            base_url=f"http://127.0.0.1:{port}",
-            api_key=API_KEY,
-            model="cogvlm2-tiny",
-            ray_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-            metrics_dir=tmp / "prom",
-        )
-    finally:
-        ray.shutdown()  # kills every actor; serve.shutdown() would only add ~5 s
+from tests.serve_app import (  # noqa: F401
+    API_KEY,
+    APP_NAME,
+    MAX_NUM_SEQS,
+    MAX_QUEUED_REQUESTS,
+    ServeApp,
+    free_port,
+    integration_app_args,
+)

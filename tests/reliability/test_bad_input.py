@@ -23,10 +23,7 @@ pytestmark = pytest.mark.integration
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # integration_app_args
 MAX_MODEL_LEN = 8192  # tiny-random: the real config's context window
 CORPUS = build_corpus(MAX_REQUEST_BYTES, MAX_MODEL_LEN)
-KNOWN_BUGS = {
-    "deeply_nested_json": "serve/ingress.py read_json_body: json.loads raises RecursionError (not ValueError) "
-    "on deeply nested input, which becomes a 500; it should be a 400",
-}
+KNOWN_BUGS: dict[str, str] = {}  # case name -> why it fails today (strict xfail until fixed)
 
 
 def _params() -> list:
