@@ -151,8 +151,14 @@ class ModelConfig:
             },
             "vision_config": {f.name: getattr(self.vision_config, f.name) for f in fields(VisionConfig)},
         }
-        skip = {"vision_config", "architectures", "rope_theta", "exact_rotary_positions", "model_type",
-                "quantization_config"}
+        skip = {
+            "vision_config",
+            "architectures",
+            "rope_theta",
+            "exact_rotary_positions",
+            "model_type",
+            "quantization_config",
+        }
         for f in fields(self):
             if f.name not in skip:
                 value = getattr(self, f.name)

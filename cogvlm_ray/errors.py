@@ -57,7 +57,9 @@ class ImageError(InvalidRequestError):
 class PromptTooLongError(InvalidRequestError):
     """400: prompt tokens + max_tokens exceed the context window."""
 
-    def __init__(self, message: str, *, param: str | None = "messages", code: str | None = "context_length_exceeded"):
+    def __init__(
+        self, message: str, *, param: str | None = "messages", code: str | None = "context_length_exceeded"
+    ):
         super().__init__(message, param=param, code=code)
 
 

@@ -42,12 +42,18 @@ class SamplingParams:
         """Raise InvalidRequestError for values the engine cannot honour."""
         checks = [
             (self.max_tokens >= 1, "max_tokens", "max_tokens must be >= 1"),
-            (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0, "temperature",
-             "temperature must be a finite number in [0, 2]"),
+            (
+                math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0,
+                "temperature",
+                "temperature must be a finite number in [0, 2]",
+            ),
             (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
-            (math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
-             "repetition_penalty", "repetition_penalty must be in (0, 10]"),
+            (
+                math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+                "repetition_penalty",
+                "repetition_penalty must be in (0, 10]",
+            ),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be in [0, max_tokens]"),
             (self.n == 1, "n", "n > 1 is not supported"),
             (not self.logprobs, "logprobs", "logprobs are not supported yet"),
@@ -82,3 +88,28 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One delta carrying both: `first`'s tokens and text followed by `later`'s.
+
+    Used to send several engine steps' tokens in one message (serve/streaming.py); the timing
+    marks that describe the request's start come from `first`, the rest from `later`.
+    """
+    return RequestOutput(
+        request_id=later.request_id,
+        new_token_ids=first.new_token_ids + later.new_token_ids,
+        new_text=first.new_text + later.new_text,
+        finish_reason=later.finish_reason,
+        num_prompt_tokens=later.num_prompt_tokens,
+        num_generated_tokens=later.num_generated_tokens,
+        arrival_time=first.arrival_time,
+        first_scheduled_time=first.first_scheduled_time
+        if first.first_scheduled_time is not None
+        else later.first_scheduled_time,
+        first_token_time=first.first_token_time
+        if first.first_token_time is not None
+        else later.first_token_time,
+        emit_time=later.emit_time,
+        image_cache_hit=first.image_cache_hit if first.image_cache_hit is not None else later.image_cache_hit,
+    )

@@ -44,7 +44,18 @@ _EXPORTS = {
     "build_prompt_ids": "cogvlm_ray.preprocess.prompt",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DecodedImage",
+    "PreparedPrompt",
+    "PreprocessOptions",
+    "Preprocessor",
+    "build_conversation_input_ids",
+    "build_prompt_ids",
+    "decode_image",
+    "normalize_image",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -118,6 +118,10 @@ class AppArgs(_Args):
     """PROMETHEUS_MULTIPROC_DIR for every replica (an env var of that name wins)."""
     ray_metrics: bool = True
     """Also record the metrics through ray.serve.metrics (Ray's per-node exporter, `ray_` prefix)."""
+    stream_interval_s: float = Field(0.0, ge=0.0, le=1.0)
+    """0: one streamed message per engine step. > 0: after the first token, at most one message
+    per interval per request, carrying every token made meanwhile (cuts the per-message CPU cost
+    of Ray, the proxy and SSE; see serve/streaming.py)."""
     shutdown_timeout_s: float = Field(30.0, ge=0)
     """How long a stopping model replica lets in-flight requests finish before aborting them."""
     fail_fast_without_replicas: bool = True
@@ -178,6 +182,7 @@ class ModelDeployment:
             lambda: load_engine(args, model_dir),
             metrics=_metrics(args),
             shutdown_timeout_s=args.shutdown_timeout_s,
+            stream_interval_s=args.stream_interval_s,
         )
         await self.server.start()
 

@@ -26,6 +26,7 @@ from cogvlm_ray.engine.stats import EngineStats
 from cogvlm_ray.preprocess.prepared import PreparedPrompt
 from cogvlm_ray.serve import metrics as m
 from cogvlm_ray.serve.metrics import Metrics
+from cogvlm_ray.serve.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ class ModelServer:
         metrics: Metrics | None = None,
         stats_interval_s: float = 1.0,
         shutdown_timeout_s: float = 30.0,
+        stream_interval_s: float = 0.0,
     ):
         self.engine = engine_factory()
+        self.stream_interval_s = stream_interval_s
         self.metrics = metrics or Metrics()
         self.stats_interval_s = stats_interval_s
         self.shutdown_timeout_s = shutdown_timeout_s
@@ -91,9 +94,14 @@ class ModelServer:
         stream = self.engine.add_request(prepared, sampling_params, request_id)
         times = _RequestTimes()
         finished = False
-        try:
+
+        async def recorded() -> AsyncIterator[RequestOutput]:
             async for output in stream:
-                self._record(output, times)
+                self._record(output, times)  # per engine step, before coalescing
+                yield output
+
+        try:
+            async for output in coalesce(recorded(), self.stream_interval_s):
                 finished = output.finished
                 yield output
         finally:
