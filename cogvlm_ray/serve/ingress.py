@@ -215,6 +215,7 @@ def create_app(
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def list_models() -> JSONResponse:
         created = int(time.time())
+        extra = {} if settings.max_model_len is None else {"max_model_len": settings.max_model_len}
         cards = [
             {
                 "id": name,
@@ -222,7 +223,7 @@ def create_app(
                 "created": created,
                 "owned_by": "cogvlm-ray",
                 "root": settings.model_root,
-                "max_model_len": settings.max_model_len,
+                **extra,  # only when configured: the checkpoint's window is known to the model replicas
             }
             for name in settings.served_model_names
         ]
