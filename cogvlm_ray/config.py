@@ -121,7 +121,7 @@ class ModelConfig:
             raw = json.load(f)
         if not is_cogvlm2_config(raw):
             raise ValueError(
-                f"{file} is not a CogVLM2 config (architectures={raw.get('architectures')}, "
+                f"{file} is not a CogVLM2 checkpoint config (architectures={raw.get('architectures')}, "
                 f"model_type={raw.get('model_type')}); expected CogVLMForCausalLM with a vision_config"
             )
         return cls.from_dict(raw)

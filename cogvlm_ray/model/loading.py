@@ -9,6 +9,7 @@ shape; errors name the key and the file. No `trust_remote_code`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cogvlm_ray.config import ModelConfig, is_cogvlm2_config
+from cogvlm_ray.config import ModelConfig
 from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM
 from cogvlm_ray.model.quantization import QuantizationSpec, WeightQuantizer, build_quantizer
 from cogvlm_ray.model.safetensors_io import iter_tensors, read_header
@@ -69,19 +70,14 @@ def weight_files(directory: Path) -> dict[Path, list[str] | None]:
 
 
 def read_config(directory: Path, exact_rotary_positions: bool | None = None) -> ModelConfig:
-    file = directory / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"no config.json in {directory}")
-    with open(file, encoding="utf-8") as f:
-        raw = json.load(f)
-    if not is_cogvlm2_config(raw):
-        raise CheckpointError(
-            f"{file} is not a CogVLM2 checkpoint (architectures={raw.get('architectures')}, "
-            f"model_type={raw.get('model_type')}); expected CogVLMForCausalLM with a vision_config"
-        )
+    """The checkpoint's ModelConfig; problems with the file become CheckpointError."""
+    try:
+        config = ModelConfig.from_pretrained(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
     if exact_rotary_positions is not None:
-        raw = {**raw, "exact_rotary_positions": exact_rotary_positions}
-    return ModelConfig.from_dict(raw)
+        config = dataclasses.replace(config, exact_rotary_positions=exact_rotary_positions)
+    return config
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
