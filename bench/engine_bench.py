@@ -46,13 +46,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from cogvlm_ray.contracts import PreparedPrompt
 from cogvlm_ray.engine import Engine, EngineConfig, SamplingParams
 from cogvlm_ray.engine.kv_cache import allocate_kv_caches
 from cogvlm_ray.model import AttentionMetadata, load_model
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
 from cogvlm_ray.model.tiny import make_tiny_checkpoint
 from cogvlm_ray.preprocess.images import normalize_image, pixel_hash
-from cogvlm_ray.preprocess.prepared import PreparedPrompt
 from cogvlm_ray.preprocess.prompt import build_prompt_ids
 
 logger = logging.getLogger("engine_bench")

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from cogvlm_ray.config import ModelConfig  # noqa: E402
+from cogvlm_ray.contracts import PreparedPrompt  # noqa: E402
 from cogvlm_ray.engine import Engine, EngineConfig, RequestOutput, SamplingParams  # noqa: E402
 from cogvlm_ray.engine.kv_cache import allocate_kv_caches  # noqa: E402
 from cogvlm_ray.model.attention import AttentionMetadata  # noqa: E402
@@ -47,7 +48,6 @@ from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
 from cogvlm_ray.model.tiny import rotary_inv_freq, tiny_config  # noqa: E402
 from cogvlm_ray.model.tiny_tokenizer import write_tokenizer  # noqa: E402
 from cogvlm_ray.preprocess.images import normalize_image, pixel_hash  # noqa: E402
-from cogvlm_ray.preprocess.prepared import PreparedPrompt  # noqa: E402
 
 logger = logging.getLogger("bench.gpu_check")
 

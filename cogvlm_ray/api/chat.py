@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cogvlm_ray.api.protocol import ChatCompletionRequest
-from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.contracts import RequestOutput, SamplingParams
 from cogvlm_ray.errors import CogVLMError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 
 SSE_DONE = "data: [DONE]\n\n"

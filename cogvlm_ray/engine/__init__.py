@@ -2,16 +2,16 @@
 
 Data path (each arrow is one dataclass, defined in one place):
 
-    HTTP request (api/)            OpenAI pydantic model -> SamplingParams (engine/request.py)
-    -> PreparedPrompt              preprocess/prepared.py: ids, token types, uint8 image, image hash
-    -> Request                     engine/sequence.py: mutable per-request state (num_computed_tokens,
+    HTTP request (api/)            OpenAI pydantic model -> SamplingParams (contracts.py)
+    -> PreparedPrompt              contracts.py: ids, token types, uint8 image, image hash
+    -> Request                     engine/request.py: mutable per-request state (num_computed_tokens,
                                    output ids, status); queued by Engine.add_request
     -> SchedulerOutput             engine/scheduler.py: who runs this step and how many tokens each
                                    (decodes + prefill chunks under a token budget, KV blocks allocated)
     -> tensors                     engine/runner.py: flat ids / positions / expert mask / image rows +
                                    AttentionMetadata -> model.forward_flat -> last-token logits
     -> sampled ids                 engine/sampler.py -> RunnerOutput (scheduler.py)
-    -> RequestOutput               engine/outputs.py: scheduler.update_from_output + incremental
+    -> RequestOutput               contracts.py, made by engine/outputs.py: scheduler.update_from_output + incremental
                                    detokenizer (stop strings) -> per-request asyncio queue
     -> OpenAI chunk                api/ (not here)
 
@@ -25,19 +25,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cogvlm_ray.contracts import RequestOutput, SamplingParams
     from cogvlm_ray.engine.config import EngineConfig
     from cogvlm_ray.engine.engine import Engine
-    from cogvlm_ray.engine.request import RequestOutput, SamplingParams
     from cogvlm_ray.engine.stats import EngineStats
 
-# Exports resolve lazily: the ingress imports `engine.request` for SamplingParams and must not
+# Exports resolve lazily: importing `cogvlm_ray.engine` for a type must not
 # pay for torch (~180 MiB per replica) by importing the engine package's heavy modules.
 _EXPORTS = {
     "Engine": "cogvlm_ray.engine.engine",
     "EngineConfig": "cogvlm_ray.engine.config",
     "EngineStats": "cogvlm_ray.engine.stats",
-    "RequestOutput": "cogvlm_ray.engine.request",
-    "SamplingParams": "cogvlm_ray.engine.request",
+    "RequestOutput": "cogvlm_ray.contracts",
+    "SamplingParams": "cogvlm_ray.contracts",
 }
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams"]

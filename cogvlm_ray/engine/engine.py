@@ -24,14 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams
 from cogvlm_ray.engine.config import EngineConfig
 from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.kv_cache import BlockManager, allocate_kv_caches, num_kv_blocks_for
 from cogvlm_ray.engine.outputs import OutputProcessor, RequestStream
-from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.runner import ModelRunner, input_device
 from cogvlm_ray.engine.scheduler import Scheduler, SchedulerOutput
-from cogvlm_ray.engine.sequence import Request
 from cogvlm_ray.engine.stats import EngineStats
 from cogvlm_ray.engine.validation import validate_prompt
 from cogvlm_ray.errors import (
@@ -41,7 +41,6 @@ from cogvlm_ray.errors import (
     PromptTooLongError,
     ServiceUnavailableError,
 )
-from cogvlm_ray.preprocess.prepared import PreparedPrompt
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cogvlm_ray.contracts import FinishReason, RequestOutput
 from cogvlm_ray.engine.detokenizer import IncrementalDetokenizer
-from cogvlm_ray.engine.request import FinishReason, RequestOutput
-from cogvlm_ray.engine.sequence import Request
+from cogvlm_ray.engine.request import Request
 
 
 @dataclass

@@ -1,115 +1,81 @@
-"""Engine-facing request types: SamplingParams in, RequestOutput deltas out.
+"""Request: the engine's mutable per-request state (one generated sequence).
 
-These are the contract between the engine and its callers (the Ray model server, the
-benchmark, tests). The API layer converts OpenAI request fields into SamplingParams;
-the engine yields RequestOutput deltas, never SSE strings.
+Built by the engine from a PreparedPrompt + SamplingParams; read by the scheduler (counts
+only), the runner (token ids, image) and the output processor. It holds no tensors: positions,
+masks and image features are the runner's business.
+
+Token bookkeeping follows vLLM v1: `num_tokens` = prompt + generated tokens known so far,
+`num_computed_tokens` = how many of them have K/V in the cache. A step schedules
+`num_tokens - num_computed_tokens` tokens (or a chunk of them); when a step brings
+`num_computed_tokens` up to `num_tokens`, the runner samples the next token. Prefill, chunked
+prefill, decode and recompute after preemption are all the same rule.
 """
 
 from __future__ import annotations
 
-import math
+import enum
+import time
 from dataclasses import dataclass, field
-from typing import Literal
 
-from cogvlm_ray.errors import InvalidRequestError
+import numpy as np
 
-FinishReason = Literal["stop", "length", "abort"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 1.0
-    """0 (or below 1e-5) means greedy."""
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 disables top-k."""
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    """Extra stop ids on top of the checkpoint's eos ids."""
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    n: int = 1
-    logprobs: bool = False
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature < 1e-5
-
-    def validate(self) -> None:
-        """Raise InvalidRequestError for values the engine cannot honour."""
-        checks = [
-            (self.max_tokens >= 1, "max_tokens", "max_tokens must be >= 1"),
-            (
-                math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0,
-                "temperature",
-                "temperature must be a finite number in [0, 2]",
-            ),
-            (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
-            (
-                math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
-                "repetition_penalty",
-                "repetition_penalty must be in (0, 10]",
-            ),
-            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be in [0, max_tokens]"),
-            (self.n == 1, "n", "n > 1 is not supported"),
-            (not self.logprobs, "logprobs", "logprobs are not supported yet"),
-        ]
-        for ok, param, message in checks:
-            if not ok:
-                raise InvalidRequestError(message, param=param)
+from cogvlm_ray.contracts import FinishReason, SamplingParams
 
 
-@dataclass
-class RequestOutput:
-    """One streamed delta for one request."""
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
 
+
+@dataclass(eq=False)
+class Request:
     request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
+    prompt_token_ids: list[int]
+    token_type_ids: list[int]
+    """0 = language, 1 = vision, per prompt token (generated tokens are language)."""
+    sampling_params: SamplingParams
+    image: np.ndarray | None = None
+    """uint8 [3, S, S], not normalised (the runner normalises it)."""
+    image_hash: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    """Total generated so far (including this delta)."""
-    arrival_time: float = 0.0
-    """time.monotonic() when the engine received the request."""
     first_scheduled_time: float | None = None
-    """When the request left the waiting queue (queue time = this - arrival)."""
     first_token_time: float | None = None
-    """When the first output token was produced (TTFT = this - arrival)."""
-    emit_time: float = 0.0
-    """When this delta was produced (ITL = differences between consecutive deltas)."""
     image_cache_hit: bool | None = None
-    """For image requests: whether the vision tower was skipped; None for text-only."""
+    num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0
+    """Prompt tokens whose K/V came from the prefix cache at the last admission."""
+    block_hashes: list[bytes] | None = None
+    """Prefix-cache keys of the prompt's full blocks (computed by the scheduler on first admission)."""
 
     @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
 
-def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One delta carrying both: `first`'s tokens and text followed by `later`'s.
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    Used to send several engine steps' tokens in one message (serve/streaming.py); the timing
-    marks that describe the request's start come from `first`, the rest from `later`.
-    """
-    return RequestOutput(
-        request_id=later.request_id,
-        new_token_ids=first.new_token_ids + later.new_token_ids,
-        new_text=first.new_text + later.new_text,
-        finish_reason=later.finish_reason,
-        num_prompt_tokens=later.num_prompt_tokens,
-        num_generated_tokens=later.num_generated_tokens,
-        arrival_time=first.arrival_time,
-        first_scheduled_time=first.first_scheduled_time
-        if first.first_scheduled_time is not None
-        else later.first_scheduled_time,
-        first_token_time=first.first_token_time
-        if first.first_token_time is not None
-        else later.first_token_time,
-        emit_time=later.emit_time,
-        image_cache_hit=first.image_cache_hit if first.image_cache_hit is not None else later.image_cache_hit,
-    )
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) over prompt + output."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        head = self.prompt_token_ids[start:num_prompt] if start < num_prompt else []
+        return head + self.output_token_ids[max(0, start - num_prompt) : end - num_prompt]

@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from cogvlm_ray.contracts import VISION_TOKEN_TYPE
 from cogvlm_ray.engine.image_cache import ImageFeatureCache
+from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.sampler import SamplingRow, make_generator, sample
 from cogvlm_ray.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
-from cogvlm_ray.engine.sequence import Request
 from cogvlm_ray.model.attention import AttentionMetadata
-from cogvlm_ray.model.layout import VISION_TOKEN_TYPE, build_position_ids, build_vision_expert_mask
+from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
 from cogvlm_ray.preprocess.images import normalize_image
 
 logger = logging.getLogger(__name__)

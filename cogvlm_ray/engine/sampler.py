@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cogvlm_ray.engine.request import SamplingParams
+from cogvlm_ray.contracts import SamplingParams
 
 
 @dataclass

@@ -29,10 +29,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from cogvlm_ray.contracts import FinishReason
 from cogvlm_ray.engine.config import EngineConfig
 from cogvlm_ray.engine.kv_cache import BlockManager, prompt_block_hashes
-from cogvlm_ray.engine.request import FinishReason
-from cogvlm_ray.engine.sequence import Request, RequestStatus
+from cogvlm_ray.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from cogvlm_ray.config import ModelConfig
+from cogvlm_ray.contracts import PreparedPrompt
 from cogvlm_ray.errors import InvalidRequestError
-from cogvlm_ray.preprocess.prepared import PreparedPrompt
 
 
 def validate_prompt(prepared: PreparedPrompt, model_config: ModelConfig) -> None:

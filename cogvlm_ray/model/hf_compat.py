@@ -22,8 +22,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from cogvlm_ray.config import ModelConfig
+from cogvlm_ray.contracts import VISION_TOKEN_TYPE
 from cogvlm_ray.model.attention import AttentionMetadata
-from cogvlm_ray.model.layout import VISION_TOKEN_TYPE, build_position_ids, build_vision_expert_mask
+from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
 
 if TYPE_CHECKING:
     from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM

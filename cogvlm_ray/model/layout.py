@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-LANGUAGE_TOKEN_TYPE = 0
-VISION_TOKEN_TYPE = 1
+from cogvlm_ray.contracts import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 
 
 def build_position_ids(

@@ -8,7 +8,7 @@ images.py        bytes -> safe decode -> RGB -> bicubic S x S uint8 [3, S, S] + 
 messages.py      OpenAI messages -> (query, history, system, image urls) and the text rules
 prompt.py        templates, build_prompt_ids, official build_conversation_input_ids
 preprocessor.py  Preprocessor.prepare(messages, max_tokens=..., template_version=...)
-prepared.py      PreparedPrompt, the dataclass that crosses to the model replica
+(PreparedPrompt, the dataclass that crosses to the model replica, is in cogvlm_ray/contracts.py)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cogvlm_ray.contracts import PreparedPrompt
     from cogvlm_ray.preprocess.images import (
         CLIP_MEAN,
         CLIP_STD,
@@ -25,12 +26,10 @@ if TYPE_CHECKING:
         normalize_image,
     )
     from cogvlm_ray.preprocess.options import PreprocessOptions
-    from cogvlm_ray.preprocess.prepared import PreparedPrompt
     from cogvlm_ray.preprocess.preprocessor import Preprocessor
     from cogvlm_ray.preprocess.prompt import build_conversation_input_ids, build_prompt_ids
 
-# Exports resolve lazily, so importing `preprocess.prepared` (the ingress and the model server
-# pass PreparedPrompt around) does not import torch and transformers.
+# Exports resolve lazily, so importing one name does not import torch and transformers.
 _EXPORTS = {
     "CLIP_MEAN": "cogvlm_ray.preprocess.images",
     "CLIP_STD": "cogvlm_ray.preprocess.images",
@@ -38,7 +37,7 @@ _EXPORTS = {
     "decode_image": "cogvlm_ray.preprocess.images",
     "normalize_image": "cogvlm_ray.preprocess.images",
     "PreprocessOptions": "cogvlm_ray.preprocess.options",
-    "PreparedPrompt": "cogvlm_ray.preprocess.prepared",
+    "PreparedPrompt": "cogvlm_ray.contracts",
     "Preprocessor": "cogvlm_ray.preprocess.preprocessor",
     "build_conversation_input_ids": "cogvlm_ray.preprocess.prompt",
     "build_prompt_ids": "cogvlm_ray.preprocess.prompt",

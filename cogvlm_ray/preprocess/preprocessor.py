@@ -15,12 +15,12 @@ from collections import OrderedDict
 from typing import Any
 
 from cogvlm_ray.config import ModelConfig
+from cogvlm_ray.contracts import PreparedPrompt
 from cogvlm_ray.errors import ImageError, InvalidRequestError, PromptTooLongError
 from cogvlm_ray.preprocess.http_fetch import Resolver
 from cogvlm_ray.preprocess.images import DecodedImage, content_hash, decode_image
 from cogvlm_ray.preprocess.messages import apply_conversation_rules, parse_messages
 from cogvlm_ray.preprocess.options import PreprocessOptions
-from cogvlm_ray.preprocess.prepared import PreparedPrompt
 from cogvlm_ray.preprocess.prompt import build_prompt_ids, resolve_template
 from cogvlm_ray.preprocess.sources import load_image_bytes
 

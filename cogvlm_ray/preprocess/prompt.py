@@ -18,11 +18,9 @@ import torch
 from PIL import Image
 
 from cogvlm_ray.config import TEMPLATE_VERSIONS, ModelConfig
+from cogvlm_ray.contracts import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from cogvlm_ray.errors import InvalidRequestError
 from cogvlm_ray.preprocess.images import normalize_image, resize_to_uint8, to_rgb
-
-LANGUAGE_TOKEN_TYPE = 0
-VISION_TOKEN_TYPE = 1
 
 _ANSWER_FORMATS = {"chat": "Answer:", "vqa": "Short answer:"}
 

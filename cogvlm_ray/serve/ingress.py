@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cogvlm_ray.api import chat
 from cogvlm_ray.api.protocol import ChatCompletionRequest
-from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.contracts import RequestOutput, SamplingParams
 from cogvlm_ray.errors import (
     AuthenticationError,
     CogVLMError,

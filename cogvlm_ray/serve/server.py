@@ -21,9 +21,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams
 from cogvlm_ray.engine.stats import EngineStats
-from cogvlm_ray.preprocess.prepared import PreparedPrompt
 from cogvlm_ray.serve import metrics as m
 from cogvlm_ray.serve.metrics import Metrics
 from cogvlm_ray.serve.streaming import coalesce

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from cogvlm_ray.engine.request import RequestOutput, merge_outputs
+from cogvlm_ray.contracts import RequestOutput, merge_outputs
 
 
 async def coalesce(stream: AsyncIterator[RequestOutput], interval_s: float) -> AsyncIterator[RequestOutput]:

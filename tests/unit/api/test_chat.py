@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from cogvlm_ray.api import chat
 from cogvlm_ray.api.protocol import MAX_MESSAGES, MAX_STOP_STRINGS, ChatCompletionChunk, ChatCompletionRequest
-from cogvlm_ray.engine.request import RequestOutput
+from cogvlm_ray.contracts import RequestOutput
 from cogvlm_ray.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 
 USER = {"role": "user", "content": "hi"}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from cogvlm_ray.contracts import SamplingParams
 from cogvlm_ray.engine.config import EngineConfig
 from cogvlm_ray.engine.kv_cache import BlockManager
-from cogvlm_ray.engine.request import SamplingParams
+from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
-from cogvlm_ray.engine.sequence import Request
 
 EOS = 99
 

@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 from safetensors.torch import load_file
 
+from cogvlm_ray.contracts import PreparedPrompt
 from cogvlm_ray.preprocess.images import pixel_hash, resize_to_uint8
-from cogvlm_ray.preprocess.prepared import PreparedPrompt
 
 CASES = ["chat_image", "base_image", "vqa_image", "chat_history_image", "text_only_chat"]
 

@@ -9,7 +9,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from cogvlm_ray.engine.request import SamplingParams
+from cogvlm_ray.contracts import SamplingParams
 from cogvlm_ray.engine.sampler import (
     SamplingRow,
     apply_repetition_penalty,

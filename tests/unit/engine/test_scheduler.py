@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cogvlm_ray.engine.sequence import RequestStatus
+from cogvlm_ray.engine.request import RequestStatus
 from tests.unit.engine.conftest import EOS, make_request, make_scheduler, sample_all
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cogvlm_ray.engine.request import SamplingParams
+from cogvlm_ray.contracts import SamplingParams
 from cogvlm_ray.serve.affinity import AFFINITY_KWARG, image_affinity_key
 from cogvlm_ray.serve.backend import RayChatBackend
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.contracts import RequestOutput, SamplingParams
 from cogvlm_ray.errors import CogVLMError, ServiceUnavailableError
 
 

@@ -8,7 +8,7 @@ import pytest
 from ray import exceptions as ray_exceptions
 from ray.serve import exceptions as serve_exceptions
 
-from cogvlm_ray.engine.request import SamplingParams
+from cogvlm_ray.contracts import SamplingParams
 from cogvlm_ray.errors import ImageError, OverloadedError, ServiceUnavailableError
 from cogvlm_ray.serve.backend import RayChatBackend, to_api_error
 

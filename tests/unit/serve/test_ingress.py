@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from cogvlm_ray.api.chat import ChatDefaults, ChunkWriter
 from cogvlm_ray.api.protocol import ChatCompletionChunk, ChatCompletionResponse
-from cogvlm_ray.engine.request import RequestOutput
+from cogvlm_ray.contracts import RequestOutput
 from cogvlm_ray.errors import (
     EngineDeadError,
     ImageError,

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from fastapi.testclient import TestClient
 
-from cogvlm_ray.engine.request import SamplingParams
+from cogvlm_ray.contracts import SamplingParams
 from cogvlm_ray.errors import OverloadedError
 from cogvlm_ray.serve.backend import RayChatBackend
 from cogvlm_ray.serve.ingress import IngressSettings, create_app

@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cogvlm_ray.engine.request import RequestOutput, SamplingParams
+from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams
 from cogvlm_ray.engine.stats import EngineStats
 from cogvlm_ray.errors import EngineDeadError, OverloadedError
-from cogvlm_ray.preprocess.prepared import PreparedPrompt
 from cogvlm_ray.serve.metrics import Metrics
 from cogvlm_ray.serve.server import ModelServer, PreprocessServer
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cogvlm_ray.engine.request import RequestOutput, merge_outputs
+from cogvlm_ray.contracts import RequestOutput, merge_outputs
 from cogvlm_ray.serve.server import ModelServer
 from cogvlm_ray.serve.streaming import coalesce
 
