@@ -51,8 +51,9 @@ from cogvlm_ray.engine import Engine, EngineConfig, SamplingParams
 from cogvlm_ray.engine.kv_cache import allocate_kv_caches
 from cogvlm_ray.model import AttentionMetadata, load_model
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
+from cogvlm_ray.model.pixels import normalize_image
 from cogvlm_ray.model.tiny import make_tiny_checkpoint
-from cogvlm_ray.preprocess.images import normalize_image, pixel_hash
+from cogvlm_ray.preprocess.images import pixel_hash
 from cogvlm_ray.preprocess.prompt import build_prompt_ids
 
 logger = logging.getLogger("engine_bench")

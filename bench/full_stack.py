@@ -9,10 +9,10 @@
   concurrency. torch uses 1 thread, as in the replica (Ray sets OMP_NUM_THREADS=1 for
   num_cpus <= 1).
 * http: `serve run` of `serve_config.local.yaml` (model, port and metrics dir overridden) in a
-  subprocess with its own local Ray cluster, driven by the load generator (`cogvlm_ray.bench`)
+  subprocess with its own local Ray cluster, driven by the load generator (`cogvlm_ray.loadgen`)
   with the same request bodies.
 
-Both send byte-identical synthetic requests (`cogvlm_ray.bench.workload`, same seed). Each level
+Both send byte-identical synthetic requests (`cogvlm_ray.loadgen.workload`, same seed). Each level
 runs `--repeats` times per path and keeps the run with the best throughput (the least disturbed on
 a shared machine). The report gives output tokens/s for each and `http / engine` at each
 concurrency (goal >= 0.85), the CPU milliseconds each process spends per output token (where the
@@ -42,11 +42,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cogvlm_ray.bench.chart import write_chart  # noqa: E402
-from cogvlm_ray.bench.client import RequestResult  # noqa: E402
-from cogvlm_ray.bench.report import RunSummary, format_summary, summarize  # noqa: E402
-from cogvlm_ray.bench.runner import RunSettings, run_requests  # noqa: E402
-from cogvlm_ray.bench.workload import BenchRequest, WorkloadSpec, build_requests  # noqa: E402
+from cogvlm_ray.loadgen.chart import write_chart  # noqa: E402
+from cogvlm_ray.loadgen.client import RequestResult  # noqa: E402
+from cogvlm_ray.loadgen.report import RunSummary, format_summary, summarize  # noqa: E402
+from cogvlm_ray.loadgen.runner import RunSettings, run_requests  # noqa: E402
+from cogvlm_ray.loadgen.workload import BenchRequest, WorkloadSpec, build_requests  # noqa: E402
 
 logger = logging.getLogger("bench.full_stack")
 

@@ -45,9 +45,10 @@ from cogvlm_ray.engine.kv_cache import allocate_kv_caches  # noqa: E402
 from cogvlm_ray.model.attention import AttentionMetadata  # noqa: E402
 from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM  # noqa: E402
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask  # noqa: E402
+from cogvlm_ray.model.pixels import normalize_image  # noqa: E402
 from cogvlm_ray.model.tiny import rotary_inv_freq, tiny_config  # noqa: E402
 from cogvlm_ray.model.tiny_tokenizer import write_tokenizer  # noqa: E402
-from cogvlm_ray.preprocess.images import normalize_image, pixel_hash  # noqa: E402
+from cogvlm_ray.preprocess.images import pixel_hash  # noqa: E402
 
 logger = logging.getLogger("bench.gpu_check")
 

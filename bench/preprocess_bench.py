@@ -32,8 +32,9 @@ from PIL import Image, ImageDraw
 from transformers import PreTrainedTokenizerFast
 
 from cogvlm_ray.config import ModelConfig
+from cogvlm_ray.model.pixels import normalize_image, official_pixel_values
 from cogvlm_ray.preprocess import PreprocessOptions, Preprocessor
-from cogvlm_ray.preprocess.images import decode_image, normalize_image, official_pixel_values
+from cogvlm_ray.preprocess.images import decode_image
 
 logger = logging.getLogger("preprocess_bench")
 

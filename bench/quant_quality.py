@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cogvlm_ray.model import CogVLM2ForCausalLM, load_model
+from cogvlm_ray.hf import CogVLM2HFForCausalLM
+from cogvlm_ray.model import CogVLM2ForCausalLM
 from cogvlm_ray.model.quantization import QuantizationSpec
 from cogvlm_ray.model.quantized_checkpoint import write_bnb_4bit_checkpoint
 
@@ -119,13 +120,13 @@ def load(kwargs: dict, scratch: Path) -> CogVLM2ForCausalLM:
     kwargs = dict(kwargs)
     checkpoint = kwargs.pop("checkpoint", None)
     if checkpoint is None:
-        return load_model(FIXTURE_DIR, **{"dtype": torch.float32, **kwargs})
+        return CogVLM2HFForCausalLM.from_pretrained(FIXTURE_DIR, **{"dtype": torch.float32, **kwargs})
     directory = scratch / checkpoint
     if not directory.exists():
         skip = ("model.vision",) if checkpoint == "int4-vision-float" else ()
         spec = QuantizationSpec("bnb-4bit", skip, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype="float32")
         write_bnb_4bit_checkpoint(FIXTURE_DIR, directory, spec)
-    return load_model(directory, dtype=torch.float32)
+    return CogVLM2HFForCausalLM.from_pretrained(directory, dtype=torch.float32)
 
 
 def main() -> None:

@@ -53,8 +53,8 @@ from typing import Any
 
 import httpx
 
-from cogvlm_ray.bench.client import RequestResult, send_request
-from cogvlm_ray.bench.workload import BenchRequest, make_image_data_url
+from cogvlm_ray.loadgen.client import RequestResult, send_request
+from cogvlm_ray.loadgen.workload import BenchRequest, make_image_data_url
 
 logger = logging.getLogger("routing_bench")
 

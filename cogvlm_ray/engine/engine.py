@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams
@@ -45,27 +43,12 @@ from cogvlm_ray.errors import (
 logger = logging.getLogger(__name__)
 
 
-def checkpoint_stop_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
-    """The checkpoint's eos ids: config `eos_token_id` plus generation_config.json's, when present.
-
-    `load_model` attaches the generation config as `model.generation_config`; otherwise the
-    tokenizer's directory (usually the checkpoint) is searched for the file.
-    """
-    ids = list(model.model_config.eos_token_ids)
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    source = getattr(tokenizer, "name_or_path", None)
-    if eos is None and source and (Path(source) / "generation_config.json").is_file():
-        with open(Path(source) / "generation_config.json", encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-    ids.extend(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    return tuple(dict.fromkeys(int(i) for i in ids))
-
-
 class Engine:
     """Continuous-batching CogVLM2 generation over a paged KV cache (see the module docstring).
 
     `model` is a loaded `CogVLM2ForCausalLM` (anything with `model_config`, `kv_cache_layout`,
-    `encode_images`, `forward_flat`, `compute_logits`); the KV cache is allocated here, once.
+    `encode_images`, `forward_flat`, `compute_logits`, and optionally `stop_token_ids`); the KV
+    cache is allocated here, once.
     Call the public methods from the event-loop thread that runs the engine.
     """
 
@@ -75,7 +58,8 @@ class Engine:
         model_config = model.model_config
         self.model_config = model_config
         self.max_model_len = config.max_model_len or model_config.max_context_len
-        self.eos_token_ids = checkpoint_stop_token_ids(model, tokenizer)
+        # The checkpoint's stop ids, read by `load_model` (config + generation_config.json).
+        self.eos_token_ids = tuple(getattr(model, "stop_token_ids", ()) or model_config.eos_token_ids)
 
         layout = model.kv_cache_layout()
         image_device = input_device(model)  # where the image features (and their cache) live

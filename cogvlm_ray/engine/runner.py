@@ -30,7 +30,7 @@ from cogvlm_ray.engine.sampler import SamplingRow, make_generator, sample
 from cogvlm_ray.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from cogvlm_ray.model.attention import AttentionMetadata
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
-from cogvlm_ray.preprocess.images import normalize_image
+from cogvlm_ray.model.pixels import normalize_image
 
 logger = logging.getLogger(__name__)
 

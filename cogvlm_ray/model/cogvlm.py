@@ -2,9 +2,10 @@
 
 The engine-facing contract lives here: `encode_images`, `forward_flat` (a flat batch of new
 tokens from many sequences over a paged KV cache) and `compute_logits`, plus
-`kv_cache_layout`. The Hugging Face drop-in surface (`forward(input_ids=..., images=...)`,
-`generate`, `build_conversation_input_ids`) comes from `hf_compat.HFCompatMixin` and is built
-on the same three methods. Loading and sharding live in `loading.py` / `sharding.py`.
+`kv_cache_layout`. No transformers: the Hugging Face drop-in surface (`forward(input_ids=...,
+images=...)`, `generate`, `build_conversation_input_ids`) is the subclass
+`cogvlm_ray.hf.CogVLM2HFForCausalLM`, built on the same three methods. Loading and sharding
+live in `loading.py` / `sharding.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from torch import nn
 
 from cogvlm_ray.config import ModelConfig
 from cogvlm_ray.model.attention import AttentionMetadata
-from cogvlm_ray.model.hf_compat import HFCompatMixin
 from cogvlm_ray.model.language import CogVLMDecoderLayer, ExpertRouting, KVCache, RMSNorm
 from cogvlm_ray.model.vision import EVA2CLIPModel, module_device
 
@@ -33,14 +33,12 @@ class CogVLMModel(nn.Module):
         self.vision = EVA2CLIPModel(config)
 
 
-class CogVLM2ForCausalLM(HFCompatMixin, nn.Module):
-    """CogVLM2 (cogvlm2-llama3-chat-19B architecture) in plain torch.
-
-    `model_config` is our `ModelConfig`; `config` is a transformers config for the generation API.
-    """
+class CogVLM2ForCausalLM(nn.Module):
+    """CogVLM2 (cogvlm2-llama3-chat-19B architecture) in plain torch; `model_config` is our `ModelConfig`."""
 
     _no_split_modules = NO_SPLIT_MODULES
-    main_input_name = "input_ids"
+    stop_token_ids: tuple[int, ...] = ()
+    """The checkpoint's stop ids (config + generation_config.json), set by `load_model`."""
 
     def __init__(self, config: ModelConfig, attention_backend: str = "sdpa"):
         super().__init__()
@@ -48,7 +46,7 @@ class CogVLM2ForCausalLM(HFCompatMixin, nn.Module):
         self.model = CogVLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.set_attention_backend(attention_backend)
-        self.init_hf_compat(config)
+        self.stop_token_ids = tuple(config.eos_token_ids)
 
     def set_attention_backend(self, name: str) -> None:
         """ "sdpa" (default) or "reference" (plain torch, explicit float32 softmax)."""

@@ -93,10 +93,25 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch
     return resolved
 
 
-def build_meta_model(config: ModelConfig, attention_backend: str = "sdpa") -> CogVLM2ForCausalLM:
+def build_meta_model(
+    config: ModelConfig,
+    attention_backend: str = "sdpa",
+    model_cls: type[CogVLM2ForCausalLM] = CogVLM2ForCausalLM,
+) -> CogVLM2ForCausalLM:
     """The model with every parameter on the meta device (no memory)."""
     with torch.device("meta"):
-        return CogVLM2ForCausalLM(config, attention_backend=attention_backend)
+        return model_cls(config, attention_backend=attention_backend)
+
+
+def read_stop_token_ids(directory: Path, config: ModelConfig) -> tuple[int, ...]:
+    """The checkpoint's stop ids: config.json's `eos_token_id` plus generation_config.json's."""
+    ids = list(config.eos_token_ids)
+    generation_file = directory / "generation_config.json"
+    if generation_file.is_file():
+        with open(generation_file, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.extend(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def load_model(
@@ -109,8 +124,14 @@ def load_model(
     attention_backend: str = "sdpa",
     quantization: str | QuantizationSpec | None = None,
     quantize_vision: bool = True,
+    model_cls: type[CogVLM2ForCausalLM] = CogVLM2ForCausalLM,
 ) -> CogVLM2ForCausalLM:
     """Load an official CogVLM2 checkpoint (local dir or hub id) in eval mode.
+
+    Builds the plain engine-facing model; the Hugging Face drop-in class
+    (`cogvlm_ray.hf.CogVLM2HFForCausalLM.from_pretrained`) passes itself as `model_cls`.
+    The checkpoint's stop ids are attached as `model.stop_token_ids` and its directory as
+    `model.checkpoint_dir`.
 
     `device_map`: None (everything on CPU), a device ("cuda:0"), "auto" / "balanced" /
     "balanced_low_0" / "sequential" (accelerate, with optional `max_memory`), or an explicit
@@ -122,7 +143,7 @@ def load_model(
     directory = resolve_checkpoint_dir(path_or_hub_id)
     config = read_config(directory, exact_rotary_positions)
     target_dtype = resolve_dtype(dtype, config)
-    model = build_meta_model(config, attention_backend)
+    model = build_meta_model(config, attention_backend, model_cls)
     resolved_map = resolve_device_map(model, device_map, max_memory, target_dtype)
     quantizer = build_quantizer(quantization, config.quantization_config, target_dtype, quantize_vision)
     if quantizer is not None:
@@ -130,11 +151,8 @@ def load_model(
     load_weights(model, directory, target_dtype, resolved_map, quantizer)
     model.quantization_spec = quantizer.spec if quantizer is not None else None
     model.hf_device_map = dict(resolved_map)
-    generation_file = directory / "generation_config.json"
-    if generation_file.is_file():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.stop_token_ids = read_stop_token_ids(directory, config)
+    model.checkpoint_dir = directory
     model.eval()
     logger.info(
         "loaded CogVLM2 from %s (%s, devices %s)",

@@ -3,11 +3,14 @@
 options.py       PreprocessOptions: byte/pixel caps, opt-in http(s) and local files
 sources.py       image_url -> encoded bytes (data: URLs, local files) ...
 http_fetch.py    ... and http(s) with allow-list, SSRF refusal, timeouts, byte cap
-images.py        bytes -> safe decode -> RGB -> bicubic S x S uint8 [3, S, S] + hash;
-                 normalize_image (run by the model replica, float32, official numerics)
-messages.py      OpenAI messages -> (query, history, system, image urls) and the text rules
-prompt.py        templates, build_prompt_ids, official build_conversation_input_ids
-preprocessor.py  Preprocessor.prepare(messages, max_tokens=..., template_version=...)
+images.py        bytes -> safe decode -> RGB -> bicubic S x S uint8 [3, S, S] + hash
+messages.py      OpenAI messages -> Conversation (query, history, system, image urls) and the text rules
+prompt.py        templates, build_prompt_ids
+preprocessor.py  Preprocessor.prepare(conversation, max_tokens=..., template_version=...)
+
+Depends only on config, errors and contracts, and never imports torch: the float CLIP
+normalisation is the vision tower's (`model/pixels.py`), the official tensor-returning
+`build_conversation_input_ids` is the HF drop-in's (`cogvlm_ray/hf/prompt.py`).
 (PreparedPrompt, the dataclass that crosses to the model replica, is in cogvlm_ray/contracts.py)
 """
 
@@ -18,42 +21,28 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cogvlm_ray.contracts import PreparedPrompt
-    from cogvlm_ray.preprocess.images import (
-        CLIP_MEAN,
-        CLIP_STD,
-        DecodedImage,
-        decode_image,
-        normalize_image,
-    )
+    from cogvlm_ray.preprocess.images import DecodedImage, decode_image
     from cogvlm_ray.preprocess.options import PreprocessOptions
     from cogvlm_ray.preprocess.preprocessor import Preprocessor
-    from cogvlm_ray.preprocess.prompt import build_conversation_input_ids, build_prompt_ids
+    from cogvlm_ray.preprocess.prompt import build_prompt_ids
 
-# Exports resolve lazily, so importing one name does not import torch and transformers.
+# Exports resolve lazily, so importing the package costs nothing until a name is used.
 _EXPORTS = {
-    "CLIP_MEAN": "cogvlm_ray.preprocess.images",
-    "CLIP_STD": "cogvlm_ray.preprocess.images",
     "DecodedImage": "cogvlm_ray.preprocess.images",
     "decode_image": "cogvlm_ray.preprocess.images",
-    "normalize_image": "cogvlm_ray.preprocess.images",
     "PreprocessOptions": "cogvlm_ray.preprocess.options",
     "PreparedPrompt": "cogvlm_ray.contracts",
     "Preprocessor": "cogvlm_ray.preprocess.preprocessor",
-    "build_conversation_input_ids": "cogvlm_ray.preprocess.prompt",
     "build_prompt_ids": "cogvlm_ray.preprocess.prompt",
 }
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
     "DecodedImage",
     "PreparedPrompt",
     "PreprocessOptions",
     "Preprocessor",
-    "build_conversation_input_ids",
     "build_prompt_ids",
     "decode_image",
-    "normalize_image",
 ]
 
 

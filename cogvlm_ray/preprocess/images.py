@@ -1,13 +1,14 @@
-"""Image decoding, safety checks, resizing and CLIP normalisation.
+"""Image decoding, safety checks and resizing (numpy + Pillow, no torch).
 
 Owns: encoded bytes -> RGB -> bicubic S x S -> uint8 [3, S, S] + content hash, with every
-decoding failure turned into an `ImageError`; and `normalize_image`, the float step that the
-model replica applies (bit-identical to the official float32 CPU transform).
-Does not own: where the bytes come from (`sources.py`) or prompt building.
+decoding failure turned into an `ImageError`.
+Does not own: where the bytes come from (`sources.py`), prompt building, or the float CLIP
+normalisation, which is the vision tower's input contract (`model/pixels.py`, run by the
+model replica).
 
-Pixel contract (official pipeline, spec section 3): `convert("RGB")` (alpha dropped, not
-composited; grey copied to the three channels), PIL bicubic resize to S x S ignoring the
-aspect ratio, then `x / 255`, then `(x - mean) / std` per channel in float32.
+Pixel contract of the official pipeline: `convert("RGB")` (alpha dropped, not composited;
+grey copied to the three channels), PIL bicubic resize to S x S ignoring the aspect ratio;
+then, on the model side, `x / 255` and `(x - mean) / std` per channel in float32.
 """
 
 from __future__ import annotations
@@ -18,17 +19,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from cogvlm_ray.errors import ImageError
 from cogvlm_ray.preprocess.options import DEFAULT_IMAGE_FORMATS
 
 logger = logging.getLogger(__name__)
-
-#: OpenAI CLIP statistics used by the official transform.
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: Modes Pillow converts to RGB the way the official `convert("RGB")` does.
 _CONVERTIBLE_MODES = frozenset(
@@ -177,49 +173,3 @@ def pixel_hash(pixels: np.ndarray) -> str:
     digest = hashlib.sha256(repr(tuple(pixels.shape)).encode())
     digest.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
     return digest.hexdigest()
-
-
-def normalize_image(
-    pixels: np.ndarray | torch.Tensor,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """uint8 [3, S, S] (or [B, 3, S, S]) -> CLIP-normalised tensor, computed in float32.
-
-    Same operations in the same order as torchvision's ToTensor + Normalize (divide by 255,
-    subtract the mean, divide by the std, all float32), so the result is bit-identical to the
-    official CPU transform; IEEE float32 division is exact-rounded on CUDA too. The cast to
-    `dtype` (e.g. bf16 for the model) happens last, as the official demos cast after the
-    transform. The uint8 upload is 4x smaller than shipping float32.
-    """
-    if isinstance(pixels, np.ndarray):
-        if pixels.dtype != np.uint8:
-            raise ValueError(f"normalize_image expects uint8 pixels, got {pixels.dtype}")
-        # Arrays from Ray's object store are read-only; torch needs a writable buffer.
-        tensor = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
-    else:
-        if pixels.dtype != torch.uint8:
-            raise ValueError(f"normalize_image expects uint8 pixels, got {pixels.dtype}")
-        tensor = pixels
-    if tensor.dim() not in (3, 4) or tensor.shape[-3] != 3:
-        raise ValueError(f"normalize_image expects [3, S, S] or [B, 3, S, S], got {tuple(tensor.shape)}")
-    tensor = tensor.to(device=device, non_blocking=True)
-    x = tensor.to(torch.float32).div(255)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    x = x.sub_(mean).div_(std)
-    return x if dtype == torch.float32 else x.to(dtype)
-
-
-def official_pixel_values(rgb: Image.Image, image_size: int) -> torch.Tensor:
-    """Reference: the official float32 transform on CPU (Resize bicubic, ToTensor, Normalize).
-
-    Used by tests and the benchmark as the baseline we must match bit for bit.
-    """
-    resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)  # Resize (PIL input)
-    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()  # ToTensor: [3, S, S]
-    x = x.to(torch.float32).div(255)
-    x = x.clone()  # Normalize(inplace=False) works on a copy
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std)

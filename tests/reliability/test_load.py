@@ -6,7 +6,7 @@ responses, zero mid-stream errors. Afterwards the engine is idle (no leaked slot
 the resident memory of each replica stays within a bound after warm-up.
 
 Default: 200 requests at concurrency 16. `-m slow`: 1,000 requests at concurrency 64.
-The load comes from our own load generator (`cogvlm_ray.bench`).
+The load comes from our own load generator (`cogvlm_ray.loadgen`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import logging
 
 import pytest
 
-from cogvlm_ray.bench.report import summarize
-from cogvlm_ray.bench.runner import RunSettings, run_requests
-from cogvlm_ray.bench.workload import WorkloadSpec, build_requests
+from cogvlm_ray.loadgen.report import summarize
+from cogvlm_ray.loadgen.runner import RunSettings, run_requests
+from cogvlm_ray.loadgen.workload import WorkloadSpec, build_requests
 from tests.integration.conftest import APP_NAME
 from tests.reliability.helpers import replica_pids, rss_mib, wait_for
 

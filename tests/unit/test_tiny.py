@@ -186,9 +186,9 @@ def test_cli_writes_a_sharded_bench_sized_tokenizer(tmp_path: Path) -> None:
 
 
 def test_tiny_checkpoint_loads_and_runs_a_forward(tiny_dir: Path, tmp_path: Path) -> None:
-    from cogvlm_ray.model import load_model
+    from cogvlm_ray.hf import CogVLM2HFForCausalLM
 
-    model = load_model(tiny_dir, dtype=torch.float32)
+    model = CogVLM2HFForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     on_disk = load_file(str(tiny_dir / "model.safetensors"))
     state = model.state_dict()
     assert all(torch.equal(state[name], tensor) for name, tensor in on_disk.items())
@@ -208,7 +208,7 @@ def test_tiny_checkpoint_loads_and_runs_a_forward(tiny_dir: Path, tmp_path: Path
     assert 0.5 < float(logits[0, -1].std()) < 50
 
     sharded = make_tiny_checkpoint(tmp_path / "bf16", seed=3, dtype="bfloat16", shard_size_bytes=300_000)
-    bf16_model = load_model(sharded, dtype=torch.bfloat16)
+    bf16_model = CogVLM2HFForCausalLM.from_pretrained(sharded, dtype=torch.bfloat16)
     assert {p.dtype for p in bf16_model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         bf16_logits = bf16_model(input_ids=input_ids, token_type_ids=token_type_ids, images=[[image]]).logits

@@ -21,7 +21,7 @@ from cogvlm_ray.errors import (
     ServiceUnavailableError,
 )
 from cogvlm_ray.model import load_model
-from cogvlm_ray.preprocess.images import normalize_image
+from cogvlm_ray.model.pixels import normalize_image
 from tests.unit.engine.fixture_prompts import CASES, load_case, text_prompt
 
 GREEDY = dict(temperature=0.0)

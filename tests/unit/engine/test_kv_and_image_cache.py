@@ -130,18 +130,3 @@ def test_gpu_sizing_uses_free_memory_after_weights_minus_the_image_cache(monkeyp
     free[torch.device("cuda:1")] = 20 * gib
     blocks = num_kv_blocks_for(config, layout, 8, 128, reserved_bytes={torch.device("cuda:0"): gib})
     assert blocks == (4 * gib) // per_block
-
-
-def test_stop_ids_join_config_and_generation_config(tmp_path):
-    from types import SimpleNamespace
-
-    from cogvlm_ray.config import ModelConfig
-    from cogvlm_ray.engine.engine import checkpoint_stop_token_ids
-
-    config = ModelConfig(eos_token_id=(513, 521))
-    loaded = SimpleNamespace(model_config=config, generation_config=SimpleNamespace(eos_token_id=[521, 600]))
-    assert checkpoint_stop_token_ids(loaded, SimpleNamespace(name_or_path=None)) == (513, 521, 600)
-    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 700}')
-    bare = SimpleNamespace(model_config=config)
-    assert checkpoint_stop_token_ids(bare, SimpleNamespace(name_or_path=str(tmp_path))) == (513, 521, 700)
-    assert checkpoint_stop_token_ids(bare, SimpleNamespace(name_or_path=None)) == (513, 521)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cogvlm_ray.hf import CogVLM2HFForCausalLM
 from cogvlm_ray.model import AttentionMetadata, CogVLM2ForCausalLM, load_model
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
 
@@ -31,6 +32,12 @@ def load_case(name: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def tiny_model() -> CogVLM2ForCausalLM:
     return load_model(FIXTURE_DIR, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model() -> CogVLM2HFForCausalLM:
+    """The Hugging Face drop-in subclass (official forward / generate) over the same checkpoint."""
+    return CogVLM2HFForCausalLM.from_pretrained(FIXTURE_DIR, torch_dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cogvlm_ray.model import CogVLM2ForCausalLM, load_model
+from cogvlm_ray.hf import CogVLM2HFForCausalLM
+from cogvlm_ray.model import CogVLM2ForCausalLM
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
 
 from .conftest import FIXTURE_DIR, PagedRunner
@@ -22,8 +23,10 @@ def _case(name: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def bf16_models() -> dict[str, CogVLM2ForCausalLM]:
     return {
-        "official": load_model(FIXTURE_DIR, dtype=torch.bfloat16),
-        "exact": load_model(FIXTURE_DIR, dtype="bfloat16", exact_rotary_positions=True),
+        "official": CogVLM2HFForCausalLM.from_pretrained(FIXTURE_DIR, dtype=torch.bfloat16),
+        "exact": CogVLM2HFForCausalLM.from_pretrained(
+            FIXTURE_DIR, dtype="bfloat16", exact_rotary_positions=True
+        ),
     }
 
 

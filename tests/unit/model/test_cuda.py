@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cogvlm_ray.model import load_model
+from cogvlm_ray.hf import CogVLM2HFForCausalLM
 
 from .conftest import FIXTURE_DIR, PagedRunner, load_case, prompt_inputs
 
@@ -16,7 +16,7 @@ pytestmark = [
 
 
 def test_cuda_float32_parity_and_decode() -> None:
-    model = load_model(FIXTURE_DIR, dtype=torch.float32, device_map="cuda:0")
+    model = CogVLM2HFForCausalLM.from_pretrained(FIXTURE_DIR, dtype=torch.float32, device_map="cuda:0")
     assert model.kv_cache_layout()[0][0].type == "cuda"
     for name in ("chat_image", "text_only_chat"):
         case = load_case(name)

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
-from cogvlm_ray.model import CogVLM2ForCausalLM, load_model
+from cogvlm_ray.hf import CogVLM2HFForCausalLM
+from cogvlm_ray.model import CogVLM2ForCausalLM
 
 from .conftest import FIXTURE_DIR, load_case
 
@@ -22,7 +23,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(str(FIXTURE_DIR))
 
 
-def _quickstart(model: CogVLM2ForCausalLM, tokenizer, case: dict, max_new_tokens: int) -> torch.Tensor:
+def _quickstart(model: CogVLM2HFForCausalLM, tokenizer, case: dict, max_new_tokens: int) -> torch.Tensor:
     """The model card's loop body, verbatim apart from the fixture's ids and token budget."""
     device = "cpu"
     torch_type = torch.float32
@@ -57,8 +58,11 @@ def _quickstart(model: CogVLM2ForCausalLM, tokenizer, case: dict, max_new_tokens
 
 
 def test_quickstart_flow_gives_official_greedy_tokens(tokenizer, cases_json: dict) -> None:
-    model = load_model(FIXTURE_DIR, dtype=torch.float32).eval()  # the one changed line
-    assert isinstance(model, CogVLM2ForCausalLM)
+    # The one changed line (AutoModelForCausalLM -> CogVLM2HFForCausalLM):
+    model = CogVLM2HFForCausalLM.from_pretrained(
+        FIXTURE_DIR, torch_dtype=torch.float32, trust_remote_code=True
+    ).eval()
+    assert isinstance(model, CogVLM2ForCausalLM)  # the core model underneath
     for case in cases_json["cases"]:
         history = [tuple(turn) for turn in case["history"]]
         image_file = cases_json["preprocess"][case["image"]]["file"] if case["image"] else None
@@ -71,13 +75,13 @@ def test_quickstart_flow_gives_official_greedy_tokens(tokenizer, cases_json: dic
 
 
 def test_from_pretrained_is_load_model() -> None:
-    model = CogVLM2ForCausalLM.from_pretrained(
+    model = CogVLM2HFForCausalLM.from_pretrained(
         str(FIXTURE_DIR), torch_dtype=torch.bfloat16, trust_remote_code=True
     )
     assert model.dtype == torch.bfloat16 and not model.training
 
 
-def test_generate_with_sampling_flag_and_stop_ids(tiny_model: CogVLM2ForCausalLM) -> None:
+def test_generate_with_sampling_flag_and_stop_ids(tiny_hf_model: CogVLM2HFForCausalLM) -> None:
     case = load_case("text_only_chat")
     inputs = {
         "input_ids": case["input_ids"][None],
@@ -85,19 +89,19 @@ def test_generate_with_sampling_flag_and_stop_ids(tiny_model: CogVLM2ForCausalLM
         "attention_mask": case["attention_mask"][None],
         "images": None,
     }
-    greedy = tiny_model.generate(**inputs, max_new_tokens=5, pad_token_id=514, do_sample=False)
+    greedy = tiny_hf_model.generate(**inputs, max_new_tokens=5, pad_token_id=514, do_sample=False)
     assert greedy[0, -5:].tolist() == case["generated_ids"][:5].tolist()
     torch.manual_seed(0)
-    sampled = tiny_model.generate(**inputs, max_new_tokens=5, pad_token_id=514, do_sample=True, top_k=5)
+    sampled = tiny_hf_model.generate(**inputs, max_new_tokens=5, pad_token_id=514, do_sample=True, top_k=5)
     assert sampled.shape == (1, case["input_ids"].shape[0] + 5)
     # Forcing a stop id as the first token ends generation right there.
     stop = int(case["generated_ids"][0])
-    stopped = tiny_model.generate(**inputs, max_new_tokens=5, pad_token_id=514, eos_token_id=[stop])
+    stopped = tiny_hf_model.generate(**inputs, max_new_tokens=5, pad_token_id=514, eos_token_id=[stop])
     assert stopped.shape[1] == case["input_ids"].shape[0] + 1
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_batch_generates_like_single_runs(tiny_model: CogVLM2ForCausalLM, side: str) -> None:
+def test_padded_batch_generates_like_single_runs(tiny_hf_model: CogVLM2HFForCausalLM, side: str) -> None:
     """Unlike the official code, a shorter right-padded row continues from its own last token;
     left padding gives the same positions as no padding."""
     names = ["chat_image", "chat_history_image"]
@@ -108,7 +112,7 @@ def test_padded_batch_generates_like_single_runs(tiny_model: CogVLM2ForCausalLM,
         fill = torch.full((length - t.shape[0],), value, dtype=t.dtype)
         return torch.cat([t, fill] if side == "right" else [fill, t])
 
-    out = tiny_model.generate(
+    out = tiny_hf_model.generate(
         input_ids=torch.stack([pad(c["input_ids"], 513) for c in cases]),
         token_type_ids=torch.stack([pad(c["token_type_ids"], 0) for c in cases]),
         attention_mask=torch.stack([pad(c["attention_mask"], 0) for c in cases]),
@@ -121,32 +125,32 @@ def test_padded_batch_generates_like_single_runs(tiny_model: CogVLM2ForCausalLM,
         assert row[length:].tolist() == case["generated_ids"].tolist()
 
 
-def test_forward_rejects_images_missing(tiny_model: CogVLM2ForCausalLM) -> None:
+def test_forward_rejects_images_missing(tiny_hf_model: CogVLM2HFForCausalLM) -> None:
     case = load_case("chat_image")
     with pytest.raises(ValueError, match="images"):
-        tiny_model(
+        tiny_hf_model(
             input_ids=case["input_ids"][None], token_type_ids=case["token_type_ids"][None], images=None
         )
 
 
-def test_pad_columns_repeat_the_rows_last_real_logits(tiny_model: CogVLM2ForCausalLM) -> None:
+def test_pad_columns_repeat_the_rows_last_real_logits(tiny_hf_model: CogVLM2HFForCausalLM) -> None:
     case = load_case("text_only_chat")
     ids = torch.cat([case["input_ids"], torch.tensor([513, 513])])[None]
     mask = torch.cat([case["attention_mask"], torch.zeros(2, dtype=torch.long)])[None]
-    logits = tiny_model(input_ids=ids, attention_mask=mask).logits[0]
+    logits = tiny_hf_model(input_ids=ids, attention_mask=mask).logits[0]
     torch.testing.assert_close(logits[-1], logits[-3])
     torch.testing.assert_close(logits[-2], logits[-3])
-    last_only = tiny_model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    last_only = tiny_hf_model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
     assert last_only.shape == (1, 1, logits.shape[-1])
     torch.testing.assert_close(last_only[0, 0], logits[-3])
 
 
-def test_beam_search_scores_match_a_full_recompute(tiny_model: CogVLM2ForCausalLM) -> None:
+def test_beam_search_scores_match_a_full_recompute(tiny_hf_model: CogVLM2HFForCausalLM) -> None:
     """Beam search reorders the cache every step; the returned sequence scores must equal the
     log-probabilities of the returned sequences recomputed without any cache."""
     case = load_case("chat_image")
     length = case["input_ids"].shape[0]
-    out = tiny_model.generate(
+    out = tiny_hf_model.generate(
         input_ids=case["input_ids"][None],
         token_type_ids=case["token_type_ids"][None],
         attention_mask=case["attention_mask"][None],
@@ -164,7 +168,7 @@ def test_beam_search_scores_match_a_full_recompute(tiny_model: CogVLM2ForCausalL
     assert out.sequences.shape == (2, length + 6)
     for sequence, score in zip(out.sequences, out.sequences_scores, strict=True):
         types = torch.cat([case["token_type_ids"], torch.zeros(6, dtype=torch.long)])
-        logits = tiny_model(
+        logits = tiny_hf_model(
             input_ids=sequence[None], token_type_ids=types[None], images=[[case["pixel_values"]]]
         ).logits[0]
         logprobs = torch.log_softmax(logits[length - 1 : -1], dim=-1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cogvlm_ray.config import ModelConfig
 from cogvlm_ray.model import CheckpointError, CogVLM2ForCausalLM, load_model
 from cogvlm_ray.model.tiny import make_tiny_checkpoint
 
@@ -121,3 +122,24 @@ def test_factory_checkpoint_sharded_loads_and_runs(tmp_path: Path) -> None:
         [("s", prompt_inputs(model, {**case, "input_ids": case["input_ids"] % 512}))]
     )[0]
     assert torch.isfinite(hidden).all()
+
+
+def test_stop_ids_join_config_and_generation_config(tmp_path: Path) -> None:
+    from cogvlm_ray.model.loading import read_stop_token_ids
+
+    config = ModelConfig(eos_token_id=(513, 521))
+    assert read_stop_token_ids(tmp_path, config) == (513, 521)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [521, 600]}')
+    assert read_stop_token_ids(tmp_path, config) == (513, 521, 600)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 700}')
+    assert read_stop_token_ids(tmp_path, config) == (513, 521, 700)
+
+
+def test_load_model_attaches_the_checkpoint_stop_ids(tmp_path: Path) -> None:
+    directory = _copy_fixture(tmp_path)
+    assert load_model(directory).stop_token_ids == ModelConfig.from_pretrained(directory).eos_token_ids
+    (directory / "generation_config.json").write_text('{"eos_token_id": [7, 8]}')
+    model = load_model(directory)
+    assert model.stop_token_ids == (*ModelConfig.from_pretrained(directory).eos_token_ids, 7, 8)
+    assert model.checkpoint_dir == directory
+    assert type(model) is CogVLM2ForCausalLM and not hasattr(model, "generate")  # the plain engine model

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cogvlm_ray.hf import CogVLM2HFForCausalLM
 from cogvlm_ray.model import CogVLM2ForCausalLM
 
 from .conftest import (
@@ -70,9 +71,9 @@ def test_greedy_tokens_through_paged_decode(tiny_model: CogVLM2ForCausalLM, name
     assert_close_golden(scores[-1], case["last_step_scores"], "last step (cached decode)")
 
 
-def test_hf_forward_batch_logits_on_real_positions(tiny_model: CogVLM2ForCausalLM) -> None:
+def test_hf_forward_batch_logits_on_real_positions(tiny_hf_model: CogVLM2HFForCausalLM) -> None:
     batch = load_file(str(FIXTURE_DIR / "batch.safetensors"))
-    out = tiny_model(
+    out = tiny_hf_model(
         input_ids=batch["input_ids"],
         token_type_ids=batch["token_type_ids"],
         attention_mask=batch["attention_mask"],
@@ -84,10 +85,10 @@ def test_hf_forward_batch_logits_on_real_positions(tiny_model: CogVLM2ForCausalL
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_hf_forward_matches_official_logits(tiny_model: CogVLM2ForCausalLM, name: str) -> None:
+def test_hf_forward_matches_official_logits(tiny_hf_model: CogVLM2HFForCausalLM, name: str) -> None:
     case = load_case(name)
     images = [[case["pixel_values"]]] if "pixel_values" in case else None
-    out = tiny_model(
+    out = tiny_hf_model(
         input_ids=case["input_ids"][None],
         token_type_ids=case["token_type_ids"][None],
         attention_mask=case["attention_mask"][None],

@@ -9,14 +9,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from cogvlm_ray.errors import ImageError
-from cogvlm_ray.preprocess.images import (
-    content_hash,
-    decode_image,
-    normalize_image,
-    official_pixel_values,
-    pixel_hash,
-    resize_to_uint8,
-)
+from cogvlm_ray.model.pixels import normalize_image, official_pixel_values
+from cogvlm_ray.preprocess.images import content_hash, decode_image, pixel_hash, resize_to_uint8
 from tests.unit.preprocess.conftest import FIXTURE_IMAGES, encode_image, noise_image
 
 MAX_PIXELS = 10_000_000

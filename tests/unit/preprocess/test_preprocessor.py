@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from cogvlm_ray.errors import ImageError, InvalidRequestError, PromptTooLongError
-from cogvlm_ray.preprocess import PreparedPrompt, Preprocessor, normalize_image
+from cogvlm_ray.model.pixels import normalize_image
+from cogvlm_ray.preprocess import PreparedPrompt, Preprocessor
 from cogvlm_ray.preprocess.messages import TEXT_ONLY_PREAMBLE
 from tests.unit.preprocess.conftest import (
     FIXTURE_IMAGES,

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from cogvlm_ray.config import ModelConfig, VisionConfig
 from cogvlm_ray.errors import InvalidRequestError
-from cogvlm_ray.preprocess.prompt import build_conversation_input_ids, build_prompt_ids, history_to_prompt
+from cogvlm_ray.hf.prompt import build_conversation_input_ids
+from cogvlm_ray.preprocess.prompt import build_prompt_ids, history_to_prompt
 from tests.unit.preprocess.conftest import FIXTURE_IMAGES
 
 CASE_NAMES = ["chat_image", "base_image", "vqa_image", "chat_history_image", "text_only_chat"]

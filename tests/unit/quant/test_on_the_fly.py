@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from cogvlm_ray.engine import Engine, EngineConfig, SamplingParams
-from cogvlm_ray.model import load_model
+from cogvlm_ray.hf import CogVLM2HFForCausalLM
 from tests.unit.engine.fixture_prompts import load_case as load_prompt
 
 from .conftest import CASES, FIXTURE_DIR, PAD_ID, agreement, all_logits, case_inputs, golden_logits
@@ -33,7 +33,9 @@ BOUNDS = {
 
 
 def quantized(method: str, **kwargs):
-    return load_model(FIXTURE_DIR, dtype=torch.float32, quantization=method, **kwargs)
+    return CogVLM2HFForCausalLM.from_pretrained(
+        FIXTURE_DIR, dtype=torch.float32, quantization=method, **kwargs
+    )
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -62,7 +64,11 @@ def test_bnb_4bit_layer_computes_the_dequantized_weight() -> None:
     layer = model.model.layers[0].mlp.language_mlp.gate_proj
     state = layer.weight.quant_state
     dequantized = bnbf.dequantize_4bit(layer.weight.data, state, quant_type="nf4")
-    original = load_model(FIXTURE_DIR, dtype=torch.float32).model.layers[0].mlp.language_mlp.gate_proj.weight
+    original = (
+        CogVLM2HFForCausalLM.from_pretrained(FIXTURE_DIR, dtype=torch.float32)
+        .model.layers[0]
+        .mlp.language_mlp.gate_proj.weight
+    )
     assert (dequantized - original).norm() / original.norm() < 0.1  # nf4, blocks of 64: measured 0.091
     x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -77,7 +83,9 @@ def test_bnb_4bit_layer_computes_the_dequantized_weight() -> None:
 def test_int8_wo_layer_computes_the_dequantized_weight() -> None:
     layer = quantized("int8-wo").model.layers[1].self_attn.vision_expert_query_key_value
     original = (
-        load_model(FIXTURE_DIR, dtype=torch.float32).model.layers[1].self_attn.vision_expert_query_key_value
+        CogVLM2HFForCausalLM.from_pretrained(FIXTURE_DIR, dtype=torch.float32)
+        .model.layers[1]
+        .self_attn.vision_expert_query_key_value
     )
     dequantized = layer.weight.dequantize()
     assert (dequantized - original.weight).norm() / original.weight.norm() < 0.01
@@ -110,7 +118,9 @@ def test_explicit_device_map_gives_the_same_quantized_model(cases) -> None:
         "model.norm": "cpu",
         "lm_head": "cpu",
     }
-    sharded = load_model(FIXTURE_DIR, dtype=torch.float32, device_map=device_map, quantization="int8-wo")
+    sharded = CogVLM2HFForCausalLM.from_pretrained(
+        FIXTURE_DIR, dtype=torch.float32, device_map=device_map, quantization="int8-wo"
+    )
     assert sharded.hf_device_map == device_map
     some = {"chat_image": cases["chat_image"]}
     torch.testing.assert_close(

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cogvlm_ray.model import CheckpointError, load_model
+from cogvlm_ray.hf import CogVLM2HFForCausalLM
+from cogvlm_ray.model import CheckpointError
 from cogvlm_ray.model.quantized_checkpoint import write_bnb_4bit_checkpoint
 
 from .conftest import (
@@ -36,7 +37,7 @@ INT4_MAX_KL = 1.5
 
 
 def float_linear_names() -> list[str]:
-    model = load_model(FIXTURE_DIR, dtype=torch.float32)
+    model = CogVLM2HFForCausalLM.from_pretrained(FIXTURE_DIR, dtype=torch.float32)
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
@@ -64,7 +65,7 @@ def test_written_layout_is_transformers_bnb_4bit(int4_checkpoint) -> None:
 
 
 def test_int4_checkpoint_loads_into_bnb_layers_and_matches_float_within_bound(int4_checkpoint, cases) -> None:
-    model = load_model(int4_checkpoint, dtype=torch.float32)
+    model = CogVLM2HFForCausalLM.from_pretrained(int4_checkpoint, dtype=torch.float32)
     assert model.quantization_spec.prequantized
     gate = model.model.layers[0].mlp.language_mlp.gate_proj
     assert isinstance(gate, bnb.nn.Linear4bit) and gate.weight.quant_state.quant_type == "fp4"
@@ -76,7 +77,7 @@ def test_int4_checkpoint_loads_into_bnb_layers_and_matches_float_within_bound(in
 
 
 def test_int4_checkpoint_generates(int4_checkpoint, cases) -> None:
-    model = load_model(int4_checkpoint, dtype=torch.bfloat16)
+    model = CogVLM2HFForCausalLM.from_pretrained(int4_checkpoint, dtype=torch.bfloat16)
     case = cases["chat_image"]
     out = model.generate(**case_inputs(case), max_new_tokens=6, pad_token_id=PAD_ID, do_sample=False)
     new = out[0, case["input_ids"].shape[0] :]
@@ -87,8 +88,8 @@ def test_roundtrip_is_exact(tmp_path, cases) -> None:
     """Saved then loaded gives the very layers that were saved: same codes, same scales, same logits."""
     spec = official_int4_spec()
     written = write_bnb_4bit_checkpoint(FIXTURE_DIR, tmp_path / "fp32", spec, float_dtype=torch.float32)
-    in_memory = load_model(FIXTURE_DIR, dtype=torch.float32, quantization=spec)
-    reloaded = load_model(written, dtype=torch.float32)
+    in_memory = CogVLM2HFForCausalLM.from_pretrained(FIXTURE_DIR, dtype=torch.float32, quantization=spec)
+    reloaded = CogVLM2HFForCausalLM.from_pretrained(written, dtype=torch.float32)
     some = {k: cases[k] for k in ("chat_image", "text_only_chat")}
     torch.testing.assert_close(all_logits(reloaded, some), all_logits(in_memory, some), rtol=0, atol=1e-5)
 
@@ -111,8 +112,8 @@ def test_sharded_int4_checkpoint_with_parts_split_across_files(int4_checkpoint, 
     )
     some = {"chat_image": cases["chat_image"]}
     torch.testing.assert_close(
-        all_logits(load_model(sharded, dtype=torch.float32), some),
-        all_logits(load_model(int4_checkpoint, dtype=torch.float32), some),
+        all_logits(CogVLM2HFForCausalLM.from_pretrained(sharded, dtype=torch.float32), some),
+        all_logits(CogVLM2HFForCausalLM.from_pretrained(int4_checkpoint, dtype=torch.float32), some),
         rtol=0,
         atol=0,
     )
@@ -146,4 +147,4 @@ def test_damaged_int4_checkpoint_names_the_key(int4_checkpoint, tmp_path, damage
     damage(state)
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(CheckpointError, match=message):
-        load_model(broken, dtype=torch.float32)
+        CogVLM2HFForCausalLM.from_pretrained(broken, dtype=torch.float32)

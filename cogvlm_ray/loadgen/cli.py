@@ -1,4 +1,4 @@
-"""Command line: `python -m cogvlm_ray.bench [options]`; see docs/benchmarks-howto.md.
+"""Command line: `python -m cogvlm_ray.loadgen [options]`; see docs/benchmarks-howto.md.
 
 One "level" per value of `--concurrency` (closed loop) or `--request-rate` (Poisson,
 with `--max-concurrency` as an optional cap). Each level sends the same `--num-requests`
@@ -21,10 +21,10 @@ from typing import TextIO
 
 import httpx
 
-from cogvlm_ray.bench.client import RequestResult
-from cogvlm_ray.bench.report import format_summary, summarize
-from cogvlm_ray.bench.runner import Progress, RunSettings, run_requests
-from cogvlm_ray.bench.workload import WorkloadSpec, build_requests
+from cogvlm_ray.loadgen.client import RequestResult
+from cogvlm_ray.loadgen.report import format_summary, summarize
+from cogvlm_ray.loadgen.runner import Progress, RunSettings, run_requests
+from cogvlm_ray.loadgen.workload import WorkloadSpec, build_requests
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _share(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cogvlm_ray.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cogvlm_ray.loadgen", description=__doc__.split("\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (no /v1)")
     p.add_argument("--endpoint", default="/v1/chat/completions")
     p.add_argument("--model", default=None, help="model name; default: the first of GET /v1/models")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(document, f, indent=2)
         logger.info("wrote %s", args.output)
     if args.chart:
-        from cogvlm_ray.bench.chart import write_chart
+        from cogvlm_ray.loadgen.chart import write_chart
 
         write_chart(document["runs"], args.chart, title=args.label or document["url"])
         logger.info("wrote %s", args.chart)

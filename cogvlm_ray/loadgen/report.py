@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from cogvlm_ray.bench.client import RequestResult
+from cogvlm_ray.loadgen.client import RequestResult
 
 PERCENTILES = (50, 90, 99)
 

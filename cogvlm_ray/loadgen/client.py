@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from cogvlm_ray.bench.workload import BenchRequest
+from cogvlm_ray.loadgen.workload import BenchRequest
 
 
 @dataclass

@@ -18,8 +18,8 @@ from typing import TextIO
 
 import httpx
 
-from cogvlm_ray.bench.client import RequestResult, send_request
-from cogvlm_ray.bench.workload import BenchRequest
+from cogvlm_ray.loadgen.client import RequestResult, send_request
+from cogvlm_ray.loadgen.workload import BenchRequest
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from cogvlm_ray.bench.cli import main
-from cogvlm_ray.bench.report import summarize
-from cogvlm_ray.bench.runner import Progress, RunSettings, run_requests
-from cogvlm_ray.bench.workload import WorkloadSpec, build_requests
-from tests.unit.bench.fake_openai import free_port
+from cogvlm_ray.loadgen.cli import main
+from cogvlm_ray.loadgen.report import summarize
+from cogvlm_ray.loadgen.runner import Progress, RunSettings, run_requests
+from cogvlm_ray.loadgen.workload import WorkloadSpec, build_requests
+from tests.unit.loadgen.fake_openai import free_port
 
 
 def _run(url: str, spec: WorkloadSpec, num: int, **settings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.bench.fake_openai import FakeBehaviour, FakeServer
+from tests.unit.loadgen.fake_openai import FakeBehaviour, FakeServer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Hugging Face drop-in surface of `CogVLM2ForCausalLM` (the official remote code's API).
+"""`CogVLM2HFForCausalLM`: the Hugging Face drop-in subclass of the core model (the official remote code's API).
 
 `forward(input_ids=, token_type_ids=, attention_mask=, images=)` returns `.logits` `[B, L, V]`
 float32, and `generate(...)` runs transformers' own `GenerationMixin` loop. Underneath, every
@@ -7,14 +7,15 @@ small growable paged KV cache (`GenerationCache`), so there is one implementatio
 
 Padding: only tokens with `attention_mask == 1` are run. A padded column returns the logits of
 the latest real token of its row, so right-padded batches generate exactly what each row would
-generate alone (the official code does not; see the fixture README). Owns no weights.
+generate alone (the official code does not; see the fixture README). Owns no weights; the
+engine never uses this class (`load_model` builds the plain `CogVLM2ForCausalLM`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig
@@ -23,11 +24,11 @@ from transformers.utils import ModelOutput
 
 from cogvlm_ray.config import ModelConfig
 from cogvlm_ray.contracts import VISION_TOKEN_TYPE
+from cogvlm_ray.hf.prompt import build_conversation_input_ids
 from cogvlm_ray.model.attention import AttentionMetadata
+from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
-
-if TYPE_CHECKING:
-    from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM
+from cogvlm_ray.model.loading import load_model
 
 
 class CogVLM2HFConfig(PreTrainedConfig):
@@ -130,10 +131,17 @@ class GenerationCache:
         self.num_tokens = [n + q for n, q in zip(self.num_tokens, query_lens, strict=True)]
 
 
-class HFCompatMixin(GenerationMixin):
-    """The official forward / generate / build_conversation_input_ids API on top of the engine path."""
+class CogVLM2HFForCausalLM(GenerationMixin, CogVLM2ForCausalLM):
+    """The official forward / generate / build_conversation_input_ids API on top of the engine path.
 
-    def init_hf_compat(self, config: ModelConfig) -> None:
+    `config` is a transformers config and `generation_config` the checkpoint's (or one built
+    from `config.json`), as transformers' generation loop expects.
+    """
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: ModelConfig, attention_backend: str = "sdpa"):
+        super().__init__(config, attention_backend=attention_backend)
         self.config = CogVLM2HFConfig.from_model_config(config)
         self.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id,
@@ -153,16 +161,23 @@ class HFCompatMixin(GenerationMixin):
         max_memory: dict[int | str, int | str] | None = None,
         trust_remote_code: bool | None = None,
         **kwargs: Any,
-    ) -> CogVLM2ForCausalLM:
-        """`AutoModelForCausalLM.from_pretrained`-style entry point; same as `load_model`.
+    ) -> CogVLM2HFForCausalLM:
+        """`AutoModelForCausalLM.from_pretrained`-style entry point: `load_model` building this class.
 
-        `trust_remote_code` is accepted and ignored (nothing remote runs).
+        `trust_remote_code` is accepted and ignored (nothing remote runs). The checkpoint's
+        `generation_config.json`, when present, becomes `model.generation_config`.
         """
-        from cogvlm_ray.model.loading import load_model
-
-        return load_model(
-            path_or_hub_id, dtype=dtype or torch_dtype, device_map=device_map, max_memory=max_memory, **kwargs
+        model = load_model(
+            path_or_hub_id,
+            dtype=dtype or torch_dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            model_cls=cls,
+            **kwargs,
         )
+        if (model.checkpoint_dir / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(model.checkpoint_dir)
+        return model  # type: ignore[return-value]
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -201,8 +216,6 @@ class HFCompatMixin(GenerationMixin):
         answer: str | None = None,
     ) -> dict[str, Any]:
         """The official prompt builder (input_ids, token_type_ids, attention_mask, images)."""
-        from cogvlm_ray.preprocess.prompt import build_conversation_input_ids
-
         kwargs: dict[str, Any] = {}
         if answer is not None:
             kwargs["answer"] = answer
@@ -217,7 +230,7 @@ class HFCompatMixin(GenerationMixin):
         )
 
     def forward(
-        self: CogVLM2ForCausalLM,
+        self,
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -282,7 +295,7 @@ class HFCompatMixin(GenerationMixin):
         return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache})
 
     def _image_rows(
-        self: CogVLM2ForCausalLM,
+        self,
         images: list[list[torch.Tensor]] | None,
         token_type_ids: torch.Tensor,
         is_real: torch.Tensor,
@@ -298,7 +311,7 @@ class HFCompatMixin(GenerationMixin):
         return embeds.reshape(-1, embeds.shape[-1])
 
     def _padded_logits(
-        self: CogVLM2ForCausalLM,
+        self,
         hidden: torch.Tensor,
         is_real: torch.Tensor,
         cache: GenerationCache,
