@@ -53,7 +53,10 @@ FinishReason = Literal["stop", "length", "abort"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
+    """How to sample one request. The defaults here are the only ones: the API's `ChatDefaults`
+    and the Serve args (`default_max_tokens`, ...) start from them."""
+
+    max_tokens: int = 1024
     temperature: float = 1.0
     """0 (or below 1e-5) means greedy."""
     top_p: float = 1.0

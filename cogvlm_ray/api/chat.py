@@ -24,15 +24,19 @@ from cogvlm_ray.errors import CogVLMError, InvalidRequestError, ModelNotFoundErr
 SSE_DONE = "data: [DONE]\n\n"
 
 
+_SAMPLING_DEFAULTS = SamplingParams()
+
+
 @dataclass(frozen=True)
 class ChatDefaults:
-    """Server-side defaults for fields a request leaves out (set from `AppArgs`)."""
+    """Server-side defaults for fields a request leaves out (set from `AppArgs`); their own
+    defaults are `SamplingParams`'s."""
 
-    max_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    max_tokens: int = _SAMPLING_DEFAULTS.max_tokens
+    temperature: float = _SAMPLING_DEFAULTS.temperature
+    top_p: float = _SAMPLING_DEFAULTS.top_p
+    top_k: int = _SAMPLING_DEFAULTS.top_k
+    repetition_penalty: float = _SAMPLING_DEFAULTS.repetition_penalty
 
 
 def make_request_id() -> str:

@@ -1,6 +1,7 @@
 """The Ray Serve application: the only package that knows Ray Serve, FastAPI and Prometheus.
 
-  app.py           AppArgs, the three deployments, build_app (the config's import_path)
+  args.py          AppArgs: the config's `args:`, validated straight into EngineConfig / PreprocessOptions
+  app.py           the three deployments and build_app (the config's import_path)
   ingress.py       create_app(backend) -> FastAPI: OpenAI routes, limits, errors, SSE
   backend.py       the ingress's ChatBackend over deployment handles (admission, readiness)
   server.py        ModelServer (engine + metrics) and PreprocessServer, plain classes

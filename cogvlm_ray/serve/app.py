@@ -6,8 +6,8 @@
 
 This is the one module with `serve.deployment(...)`, `.bind(...)` and the app builder named in
 `serve_config*.yaml` (`import_path: cogvlm_ray.serve.app:build_app`). `args:` in those files
-must validate against `AppArgs` (unknown keys are rejected), and it is the only module that
-reads environment variables. Deployment options set here (`max_ongoing_requests` = engine
+must validate against `AppArgs` (`serve/args.py`; unknown keys are rejected). Environment
+variables are read only here and in `serve/args.py` (the metrics directory). Deployment options set here (`max_ongoing_requests` = engine
 batch size, queue bounds, CPUs) are defaults; the config file's `deployments:` section
 overrides them.
 """
@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cogvlm_ray.api.chat import ChatDefaults
+from cogvlm_ray.serve.args import METRICS_DIR_ENV, AppArgs, parse_args
 from cogvlm_ray.serve.backend import RayChatBackend
+from cogvlm_ray.serve.factories import load_engine, make_preprocessor
 from cogvlm_ray.serve.ingress import IngressSettings, create_app
 from cogvlm_ray.serve.metrics import cleanup_dead_processes, get_metrics
-from cogvlm_ray.serve.model_source import is_tiny_random, resolve_model_path
+from cogvlm_ray.serve.model_source import is_tiny_random
 from cogvlm_ray.serve.router import ROUTER_CLASS_PATH
 from cogvlm_ray.serve.server import ModelServer, PreprocessServer
 
@@ -37,112 +36,15 @@ logger = logging.getLogger(__name__)
 PREPROCESSOR = "Preprocessor"
 MODEL_SERVER = "ModelServer"
 INGRESS = "Ingress"
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EngineArgs(_Args):
-    """Mirrors `cogvlm_ray.engine.EngineConfig` (see docs/engine.md)."""
-
-    max_num_seqs: int = Field(32, ge=1)
-    max_num_batched_tokens: int = Field(4096, ge=1)
-    block_size: int = Field(16, ge=1)
-    num_kv_blocks: int | None = Field(None, ge=1)
-    kv_cache_memory_fraction: float = Field(0.85, gt=0.0, le=1.0)
-    max_kv_tokens: int | None = Field(None, ge=1)
-    image_cache_bytes: int = Field(1 << 30, ge=0)
-    max_waiting: int = Field(256, ge=1)
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = Field(None, ge=2)
-
-
-class PreprocessArgs(_Args):
-    """A subset of `cogvlm_ray.preprocess.PreprocessOptions` (see docs/preprocessing.md)."""
-
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    allow_http: bool = False
-    http_allowed_hosts: tuple[str, ...] = ()
-    allow_local_files: bool = False
-    local_files_dir: str | None = None
-
-
-class RoutingArgs(_Args):
-    """How ingress replicas pick a ModelServer replica (see docs/routing.md)."""
-
-    policy: Literal["image_affinity", "power_of_two"] = "image_affinity"
-    """image_affinity: requests about one image go to the replica caching it (`serve/router.py`);
-    power_of_two: Serve's default router."""
-    max_load_imbalance: int = Field(4, ge=0)
-    """Leave an image's home replica when it has more than this many ongoing requests above the
-    least loaded replica."""
-    max_affinity_candidates: int = Field(2, ge=1)
-    """Rendezvous choices to try (home, second choice, ...) before load-based choice."""
-
-
-class AppArgs(_Args):
-    """`args:` of the Serve config. Every field is documented in docs/serving.md."""
-
-    model: str = "THUDM/cogvlm2-llama3-chat-19B"
-    """Hugging Face hub id, local checkpoint directory, or "tiny-random[:preset]" (random weights)."""
-    served_model_name: str | None = None
-    """The `model` name clients send; default: the last path component of `model`."""
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    quantization: Literal["none", "bnb-4bit", "bnb-8bit", "int8-wo", "int8-dq", "fp8"] = "none"
-    """Quantize a float checkpoint at load (docs/quantization.md). "none" serves the checkpoint as
-    stored, which also serves the official int4 checkpoint (its config says it is quantized)."""
-    quantize_vision: bool = True
-    """With `quantization`: also quantize the vision tower (false keeps it in `dtype`)."""
-    cache_dir: str = "~/.cache/cogvlm_ray"
-    """Where "tiny-random" checkpoints are created (hub downloads use HF_HOME)."""
-    engine: EngineArgs = EngineArgs()
-    preprocess: PreprocessArgs = PreprocessArgs()
-    default_max_tokens: int = Field(1024, ge=1)
-    default_temperature: float = Field(1.0, ge=0.0, le=2.0)
-    default_top_p: float = Field(1.0, gt=0.0, le=1.0)
-    api_key: str | None = Field(None, min_length=1)
-    """Require `Authorization: Bearer <key>` on /v1/*. Prefer `api_key_env` outside demos."""
-    api_key_env: str | None = "COGVLM_API_KEY"
-    """Name of an environment variable (in the Ingress replica) holding the API key, if set there."""
-    max_queued_requests: int = Field(64, ge=-1)
-    """ModelServer queue bound per ingress replica beyond its running batch: past it, HTTP 429
-    (-1: unbounded). The running batch per replica is `engine.max_num_seqs`."""
-    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    request_timeout_s: float | None = Field(600.0, gt=0)
-    metrics_dir: str = "/tmp/cogvlm_ray_metrics"
-    """PROMETHEUS_MULTIPROC_DIR for every replica (an env var of that name wins)."""
-    ray_metrics: bool = True
-    """Also record the metrics through ray.serve.metrics (Ray's per-node exporter, `ray_` prefix)."""
-    stream_interval_s: float = Field(0.0, ge=0.0, le=1.0)
-    """0: one streamed message per engine step. > 0: after the first token, at most one message
-    per interval per request, carrying every token made meanwhile (cuts the per-message CPU cost
-    of Ray, the proxy and SSE; see serve/streaming.py)."""
-    shutdown_timeout_s: float = Field(30.0, ge=0)
-    """How long a stopping model replica lets in-flight requests finish before aborting them."""
-    fail_fast_without_replicas: bool = True
-    """Answer 503 at once when no model replica is RUNNING (set false if min_replicas is 0)."""
-    playground: bool = False
-    """Serve the browser playground at `/`."""
-    routing: RoutingArgs = RoutingArgs()
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+__all__ = ["INGRESS", "MODEL_SERVER", "PREPROCESSOR", "AppArgs", "build_app", "parse_args"]
 
 
 def _metrics(args: AppArgs) -> Any:
     """This process's metrics, in multiprocess mode under the shared directory."""
-    directory = os.environ.setdefault(METRICS_DIR_ENV, os.path.expanduser(args.metrics_dir))
+    directory = args.metrics_directory
+    os.environ.setdefault(METRICS_DIR_ENV, directory)
     return get_metrics(multiprocess_dir=directory, use_ray=args.ray_metrics)
-
-
-def _model_dir(args: AppArgs, *, weights: bool = True) -> Path:
-    return resolve_model_path(args.model, os.path.expanduser(args.cache_dir), weights=weights)
 
 
 @serve.deployment(name=PREPROCESSOR, max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
@@ -150,11 +52,10 @@ class PreprocessorDeployment:
     """CPU: OpenAI messages -> PreparedPrompt (tokenizer and config loaded once per replica)."""
 
     def __init__(self, raw_args: dict[str, Any]):
-        from cogvlm_ray.serve.factories import make_preprocessor
-
         args = AppArgs.model_validate(raw_args)
-        model_dir = _model_dir(args, weights=False)
-        self.server = PreprocessServer(make_preprocessor(args, model_dir), metrics=_metrics(args))
+        self.server = PreprocessServer(
+            make_preprocessor(args, args.model_dir(weights=False)), metrics=_metrics(args)
+        )
 
     async def prepare(
         self, messages: list[dict[str, Any]], max_tokens: int, template_version: str | None
@@ -174,10 +75,8 @@ class ModelDeployment:
     """GPU (or CPU): one continuous-batching engine per replica."""
 
     async def __init__(self, raw_args: dict[str, Any]):
-        from cogvlm_ray.serve.factories import load_engine
-
         args = AppArgs.model_validate(raw_args)
-        model_dir = _model_dir(args)
+        model_dir = args.model_dir()
         self.server = ModelServer(
             lambda: load_engine(args, model_dir),
             metrics=_metrics(args),
@@ -222,11 +121,7 @@ class IngressDeployment:
             api_key=api_key,
             max_request_bytes=args.max_request_bytes,
             request_timeout_s=args.request_timeout_s,
-            defaults=ChatDefaults(
-                max_tokens=args.default_max_tokens,
-                temperature=args.default_temperature,
-                top_p=args.default_top_p,
-            ),
+            defaults=args.chat_defaults,
             playground=args.playground,
         )
         app_name = serve.get_replica_context().app_name
@@ -245,30 +140,13 @@ class IngressDeployment:
         return create_app(self.backend, self.settings, self.metrics)
 
 
-def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
-    """Validate `args:` from the Serve config; ValueError with every problem listed."""
-    if isinstance(args, AppArgs):
-        return args
-    try:
-        return AppArgs.model_validate(args or {})
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'args'}: {err['msg']}" for err in e.errors()
-        )
-        raise ValueError(f"invalid cogvlm_ray app args: {problems}") from None
-
-
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     """The Serve application (the config's `import_path` target)."""
     app_args = parse_args(args)
     _prepare_metrics_dir(app_args)
     _check_gpus(app_args)
     raw = app_args.model_dump(mode="json")
-    env = {
-        "env_vars": {
-            METRICS_DIR_ENV: os.environ.get(METRICS_DIR_ENV, os.path.expanduser(app_args.metrics_dir))
-        }
-    }
+    env = {"env_vars": {METRICS_DIR_ENV: app_args.metrics_directory}}
     preprocessor = PreprocessorDeployment.options(ray_actor_options={"num_cpus": 1, "runtime_env": env}).bind(
         raw
     )
@@ -288,13 +166,12 @@ def _request_router_config(args: AppArgs) -> RequestRouterConfig:
     """ModelServer routing: the image-affinity router (serve/router.py) or Serve's default."""
     if args.routing.policy == "power_of_two":
         return RequestRouterConfig()
-    metrics_dir = os.environ.get(METRICS_DIR_ENV, os.path.expanduser(args.metrics_dir))
     return RequestRouterConfig(
         request_router_class=ROUTER_CLASS_PATH,
         request_router_kwargs={
             "max_load_imbalance": args.routing.max_load_imbalance,
             "max_affinity_candidates": args.routing.max_affinity_candidates,
-            "metrics_dir": metrics_dir,
+            "metrics_dir": args.metrics_directory,
             "ray_metrics": args.ray_metrics,
         },
     )
@@ -302,7 +179,7 @@ def _request_router_config(args: AppArgs) -> RequestRouterConfig:
 
 def _prepare_metrics_dir(args: AppArgs) -> None:
     """Create the multiprocess metrics directory on this node and drop files of dead processes."""
-    directory = os.environ.get(METRICS_DIR_ENV, os.path.expanduser(args.metrics_dir))
+    directory = args.metrics_directory
     os.makedirs(directory, exist_ok=True)
     removed = cleanup_dead_processes(directory, all_kinds=True)
     logger.info("metrics directory %s ready (%d stale files removed)", directory, removed)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from cogvlm_ray.serve.app import AppArgs
+from cogvlm_ray.serve.args import AppArgs
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def load_engine(args: AppArgs, model_dir: Path) -> Any:
     import torch
     from transformers import PreTrainedTokenizerFast
 
-    from cogvlm_ray.engine import Engine, EngineConfig
+    from cogvlm_ray.engine import Engine
     from cogvlm_ray.model import load_model
 
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -61,11 +60,11 @@ def load_engine(args: AppArgs, model_dir: Path) -> Any:
         quantize_vision=args.quantize_vision,
     )
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-    return Engine(model, tokenizer, EngineConfig(**args.engine.model_dump()))
+    return Engine(model, tokenizer, args.engine)
 
 
 def make_preprocessor(args: AppArgs, model_dir: Path) -> Any:
     """The CPU preprocessor (tokenizer + config read once from the checkpoint directory)."""
-    from cogvlm_ray.preprocess import PreprocessOptions, Preprocessor
+    from cogvlm_ray.preprocess import Preprocessor
 
-    return Preprocessor(model_dir, options=PreprocessOptions(**args.preprocess.model_dump()))
+    return Preprocessor(model_dir, options=args.preprocess)

@@ -157,7 +157,7 @@ def test_embedded_config_validates_against_ray_serve_schema(embedded) -> None:
 
 
 def test_embedded_args_validate_against_app_args(embedded) -> None:
-    from cogvlm_ray.serve.app import AppArgs
+    from cogvlm_ray.serve.args import AppArgs
 
     app = the_application(embedded)
     args = AppArgs.model_validate(app.get("args") or {})
@@ -167,7 +167,7 @@ def test_embedded_args_validate_against_app_args(embedded) -> None:
 def test_api_key_reaches_every_ray_pod(embedded, groups) -> None:
     """The ingress reads its key from the env var `api_key_env`; an ingress replica may be placed
     on any worker, so every group gets the variable from the (optional) Secret."""
-    from cogvlm_ray.serve.app import AppArgs
+    from cogvlm_ray.serve.args import AppArgs
 
     args = AppArgs.model_validate(the_application(embedded).get("args") or {})
     if args.api_key_env is None:
@@ -369,7 +369,7 @@ def test_graceful_termination_drains_streams(rayservice, serve_config, groups) -
     assert rayservice["spec"]["rayClusterDeletionDelaySeconds"] >= _serve_drain_seconds(model)
     # Streams still open on the old cluster when an upgrade switches traffic are cut when it is
     # deleted: keep it for the longest request the app allows.
-    from cogvlm_ray.serve.app import AppArgs
+    from cogvlm_ray.serve.args import AppArgs
 
     timeouts = [(serve_config.get("http_options") or {}).get("request_timeout_s"),
                 AppArgs.model_validate(the_application(serve_config).get("args") or {}).request_timeout_s]  # fmt: skip
@@ -421,7 +421,7 @@ def test_gpu_layout_documented_matches_the_manifest(serve_config, groups) -> Non
 
 def test_download_job_fetches_the_served_model(embedded) -> None:
     """The pre-download Job fills the cache with the checkpoint the app loads, in the same HF_HOME."""
-    from cogvlm_ray.serve.app import AppArgs
+    from cogvlm_ray.serve.args import AppArgs
 
     args = AppArgs.model_validate(the_application(embedded).get("args") or {})
     (job,) = manifests_of_kind("Job")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from ray._common.utils import import_attr
 
-from cogvlm_ray.serve.app import MODEL_SERVER, AppArgs, build_app, parse_args
+from cogvlm_ray.serve.app import MODEL_SERVER, build_app
+from cogvlm_ray.serve.args import AppArgs, parse_args
 from cogvlm_ray.serve.router import ROUTER_CLASS_PATH, ImageAffinityRouter
 
 

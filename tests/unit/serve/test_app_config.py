@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cogvlm_ray.serve.app import INGRESS, MODEL_SERVER, PREPROCESSOR, AppArgs, build_app, parse_args
+from cogvlm_ray.engine.config import EngineConfig
+from cogvlm_ray.preprocess.options import PreprocessOptions
+from cogvlm_ray.serve.app import INGRESS, MODEL_SERVER, PREPROCESSOR, build_app
+from cogvlm_ray.serve.args import AppArgs, parse_args
 from cogvlm_ray.serve.factories import NoGPUError, device_map_for
 
 REPO = Path(__file__).resolve().parents[3]
@@ -92,3 +96,42 @@ def test_device_map_follows_the_gpus_ray_assigned():
     assert device_map_for("cuda", 2) == "balanced"
     with pytest.raises(NoGPUError, match="num_gpus"):
         device_map_for("cuda", 0)
+
+
+def test_engine_and_preprocess_args_are_the_library_dataclasses_field_for_field():
+    """A field added to EngineConfig / PreprocessOptions is a Serve arg at once (no mirror to keep)."""
+    every_engine_field = {f.name: getattr(EngineConfig(), f.name) for f in dataclasses.fields(EngineConfig)}
+    every_preprocess_field = {
+        f.name: getattr(PreprocessOptions(), f.name) for f in dataclasses.fields(PreprocessOptions)
+    }
+    args = parse_args(
+        {"engine": {**every_engine_field, "max_num_seqs": 3}, "preprocess": every_preprocess_field}
+    )
+    assert args.engine == EngineConfig(max_num_seqs=3) and isinstance(args.preprocess, PreprocessOptions)
+    assert AppArgs().engine == EngineConfig() and AppArgs().preprocess == PreprocessOptions()
+    # The dataclasses' own checks run at the edge, and unknown keys are named.
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= max_num_seqs"):
+        parse_args({"engine": {"max_num_seqs": 64, "max_num_batched_tokens": 8}})
+    with pytest.raises(ValueError, match="allow_local_files needs local_files_dir"):
+        parse_args({"preprocess": {"allow_local_files": True}})
+    with pytest.raises(ValueError, match=r"engine\.batch"):
+        parse_args({"engine": {"batch": 4}})
+
+
+def test_sampling_defaults_have_one_source():
+    from cogvlm_ray.api.chat import ChatDefaults
+    from cogvlm_ray.contracts import SamplingParams
+
+    args, chat, sampling = AppArgs(), ChatDefaults(), SamplingParams()
+    assert args.default_max_tokens == chat.max_tokens == sampling.max_tokens
+    assert args.default_temperature == chat.temperature == sampling.temperature
+    assert args.chat_defaults == chat
+    with pytest.raises(ValueError, match="temperature"):
+        parse_args({"default_temperature": 3.0})
+
+
+def test_metrics_directory_env_var_wins(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    assert AppArgs(metrics_dir="~/m").metrics_directory.endswith("/m")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/elsewhere")
+    assert AppArgs(metrics_dir="~/m").metrics_directory == "/elsewhere"
