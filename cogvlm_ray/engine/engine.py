@@ -29,7 +29,7 @@ from cogvlm_ray.engine.kv_cache import BlockManager, allocate_kv_caches, num_kv_
 from cogvlm_ray.engine.outputs import OutputProcessor, RequestStream
 from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.runner import ModelRunner, input_device
-from cogvlm_ray.engine.scheduler import Scheduler, SchedulerOutput
+from cogvlm_ray.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from cogvlm_ray.engine.stats import EngineStats
 from cogvlm_ray.engine.validation import validate_prompt
 from cogvlm_ray.errors import (
@@ -193,6 +193,7 @@ class Engine:
             return
         loop = asyncio.get_running_loop()
         runner_output = await loop.run_in_executor(self._executor, self.runner.execute, scheduler_output)
+        self._record_image_cache_hits(runner_output)
         for update in self.scheduler.update_from_output(scheduler_output, runner_output):
             request = update.request
             if self.outputs.process(request, update.new_token_ids, update.finished):
@@ -202,15 +203,22 @@ class Engine:
                     self.scheduler.finish_request(request.request_id, "stop")
             if request.is_finished:
                 self.runner.release(request.request_id)
-        self._record_step(scheduler_output)
+        self._record_step(scheduler_output, runner_output)
 
-    def _record_step(self, scheduler_output: SchedulerOutput) -> None:
+    def _record_image_cache_hits(self, runner_output: RunnerOutput) -> None:
+        """The first observation per request counts (a later chunk past the image changes nothing)."""
+        for request_id, hit in runner_output.image_cache_hits.items():
+            request = self.scheduler.requests.get(request_id)
+            if request is not None and request.image_cache_hit is None:
+                request.image_cache_hit = hit
+
+    def _record_step(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> None:
         stats = self._stats
         stats.batch_size = len(scheduler_output.scheduled)
         stats.num_prefill_tokens = scheduler_output.num_prefill_tokens
         stats.num_decode_tokens = scheduler_output.num_decode_tokens
         stats.total_prompt_tokens += scheduler_output.num_prefill_tokens
-        stats.total_generated_tokens += sum(1 for item in scheduler_output.scheduled if item.samples)
+        stats.total_generated_tokens += len(runner_output.sampled_token_ids)
         stats.num_steps += 1
 
     async def _run_loop(self) -> None:

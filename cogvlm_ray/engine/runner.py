@@ -126,7 +126,7 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return RunnerOutput()
-        self._load_image_features(scheduled)
+        image_cache_hits = self._load_image_features(scheduled)
         inputs = self._prepare_inputs(scheduled)
         hidden = self.model.forward_flat(
             input_ids=inputs.input_ids,
@@ -140,13 +140,14 @@ class ModelRunner:
         # Logits only for the last token of sequences that now have all their tokens computed.
         sampling = [(b, item) for b, item in enumerate(scheduled) if item.samples]
         if not sampling:
-            return RunnerOutput()
+            return RunnerOutput(image_cache_hits=image_cache_hits)
         last_rows = inputs.last_token_rows[[b for b, _ in sampling]].to(hidden.device)
         logits = self.model.compute_logits(hidden.index_select(0, last_rows))  # [B_sampled, V] float32
         rows = [self._sampling_row(item.request, logits.device) for _, item in sampling]
         token_ids = sample(logits, rows)
         return RunnerOutput(
-            {item.request.request_id: t for (_, item), t in zip(sampling, token_ids, strict=True)}
+            {item.request.request_id: t for (_, item), t in zip(sampling, token_ids, strict=True)},
+            image_cache_hits,
         )
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
@@ -209,8 +210,13 @@ class ModelRunner:
         suppress = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
         return SamplingRow(params, state.generator, history, request.num_output_tokens, suppress)
 
-    def _load_image_features(self, scheduled: list[ScheduledRequest]) -> None:
-        """Give every request whose chunk touches its image the features: cache hit or one batched tower call."""
+    def _load_image_features(self, scheduled: list[ScheduledRequest]) -> dict[str, bool]:
+        """Give every request whose chunk touches its image the features: cache hit or one batched tower call.
+
+        Returns, per request id, whether the tower was skipped for it; the engine records that on
+        the request (this runs on the worker thread, which never writes request state).
+        """
+        hits: dict[str, bool] = {}
         misses: dict[str, list[Request]] = {}
         for item in scheduled:
             request = item.request
@@ -221,27 +227,24 @@ class ModelRunner:
             rows_before = state.image_rows_before
             chunk_rows = rows_before[prompt_end] - rows_before[item.num_computed_tokens]
             if chunk_rows == 0:
-                whole_image_cached = rows_before[item.num_computed_tokens] == rows_before[-1]
-                if request.image_cache_hit is None and whole_image_cached:
-                    request.image_cache_hit = True  # the whole image span came from the prefix cache
+                if rows_before[item.num_computed_tokens] == rows_before[-1]:
+                    hits[request.request_id] = True  # the whole image span came from the prefix cache
                 continue
             if state.image_features is not None:
                 continue
             assert request.image_hash is not None
             if request.image_hash in misses:  # same image twice in one step: one tower row
                 misses[request.image_hash].append(request)
-                if request.image_cache_hit is None:
-                    request.image_cache_hit = True
+                hits[request.request_id] = True
                 continue
             features = self.image_cache.get(request.image_hash)
-            if request.image_cache_hit is None:
-                request.image_cache_hit = features is not None
+            hits[request.request_id] = features is not None
             if features is not None:
                 state.image_features = features
             else:
                 misses[request.image_hash] = [request]
         if not misses:
-            return
+            return hits
         # uint8 goes to the device (4x smaller than float32) and is normalised there.
         pixels = normalize_image(
             np.stack([requests[0].image for requests in misses.values()]), device=self.device
@@ -253,3 +256,4 @@ class ModelRunner:
             for request in requests:
                 self._state(request).image_features = row
         logger.debug("vision tower ran on %d new image(s)", len(misses))
+        return hits

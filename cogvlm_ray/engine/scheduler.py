@@ -37,22 +37,30 @@ from cogvlm_ray.engine.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduledRequest:
+    """One request's share of a step, fixed when the step is scheduled.
+
+    Counts and the block table are copies taken at schedule time. `request` is a read-only
+    handle for the runner (prompt ids, token types, image, sampling params, output ids so
+    far): only the event loop writes request state, and never while the step runs.
+    """
+
     request: Request
     num_computed_tokens: int
     """Tokens already in the KV cache before this step (start of this step's chunk)."""
     num_new_tokens: int
     block_table: list[int]
+    samples: bool
+    """True when this step computes the request's last known token, so a new one is sampled."""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
     @property
     def end(self) -> int:
         return self.num_computed_tokens + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last known token, so a new one is sampled."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass
@@ -72,11 +80,15 @@ class SchedulerOutput:
         return self.num_prefill_tokens + self.num_decode_tokens
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunnerOutput:
-    """What the runner hands back: one sampled id per request whose `samples` was True."""
+    """What the runner hands back (plain data; the engine applies it on the event loop)."""
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    """One sampled id per request whose `samples` was True."""
+    image_cache_hits: dict[str, bool] = field(default_factory=dict)
+    """For image requests whose image span this step touched: whether the vision tower was
+    skipped (feature cache, prefix cache, or a twin in the same step)."""
 
 
 @dataclass
@@ -214,7 +226,10 @@ class Scheduler:
 
     def _schedule(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
         table = self.block_manager.allocate(request.request_id, request.num_computed_tokens + num_new)
-        out.scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new, list(table)))
+        start = request.num_computed_tokens
+        out.scheduled.append(
+            ScheduledRequest(request, start, num_new, list(table), start + num_new == request.num_tokens)
+        )
         is_decode = request.num_computed_tokens >= request.num_prompt_tokens and num_new == 1
         if is_decode:
             out.num_decode_tokens += 1

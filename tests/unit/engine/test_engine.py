@@ -83,6 +83,7 @@ def test_greedy_batch_matches_the_official_tokens(model, tokenizer, cases):
         assert outputs[-1].num_prompt_tokens == len(cases[name][0].input_ids)
     stats = engine.get_stats()
     assert stats.kv_cache_usage == 0.0 and stats.num_running == 0
+    assert stats.total_generated_tokens == 12 * len(CASES)  # every sampled token, the last ones included
     # Four image cases, three distinct images, all in the first step: the two chats about
     # img_rgb_odd share one tower row, so three lookups (all misses) and one batched tower call.
     assert (stats.image_cache_queries, stats.image_cache_hits) == (3, 0)
@@ -464,3 +465,17 @@ def test_shutdown_finishes_running_requests_then_refuses_new_ones(model, tokeniz
     assert rest[-1].finish_reason == "length" and rest[-1].num_generated_tokens == 6
     assert head.finish_reason is None
     assert [o.finish_reason for o in orphaned] == ["abort"]
+
+
+def test_runner_returns_image_cache_hits_and_leaves_request_state_alone(model, tokenizer, cases):
+    """The worker thread reports what it saw; only the event loop writes it onto the request."""
+    engine = make_engine(model, tokenizer)
+    prompt = cases["chat_image"][0]
+    engine.add_request(prompt, SamplingParams(max_tokens=2, **GREEDY), "first")
+    request = engine.scheduler.requests["first"]
+    out = engine.runner.execute(engine.scheduler.schedule())
+    assert out.image_cache_hits == {"first": False} and request.image_cache_hit is None
+    engine._record_image_cache_hits(out)
+    assert request.image_cache_hit is False
+    engine._record_image_cache_hits(type(out)(image_cache_hits={"first": True}))
+    assert request.image_cache_hit is False  # the first observation counts

@@ -175,3 +175,14 @@ def test_prefix_cache_admits_a_repeated_prompt_past_its_cached_blocks():
         4,
         4,
     )
+
+
+def test_scheduler_and_runner_outputs_are_plain_data():
+    """The worker thread gets a step fixed at schedule time and hands back values, not writes."""
+    import dataclasses
+
+    from cogvlm_ray.engine.scheduler import RunnerOutput, ScheduledRequest
+
+    assert dataclasses.fields(ScheduledRequest) and ScheduledRequest.__dataclass_params__.frozen
+    assert RunnerOutput.__dataclass_params__.frozen
+    assert {f.name for f in dataclasses.fields(RunnerOutput)} == {"sampled_token_ids", "image_cache_hits"}
