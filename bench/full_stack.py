@@ -104,7 +104,7 @@ def cpu_ms_per_token(
 
 # ---- in-process engine ----------------------------------------------------------------------
 async def engine_level(engine: Any, preprocessor: Any, requests: list[BenchRequest], concurrency: int):
-    from cogvlm_ray.api.chat import ChatDefaults, to_message_dicts, to_sampling_params
+    from cogvlm_ray.api.chat import ChatDefaults, to_conversation, to_sampling_params
     from cogvlm_ray.api.protocol import ChatCompletionRequest
 
     queue: asyncio.Queue[BenchRequest] = asyncio.Queue()
@@ -117,7 +117,7 @@ async def engine_level(engine: Any, preprocessor: Any, requests: list[BenchReque
         parsed = ChatCompletionRequest.model_validate(request.body)
         params = to_sampling_params(parsed, ChatDefaults())
         prepared = await asyncio.to_thread(
-            preprocessor.prepare, to_message_dicts(parsed), max_tokens=params.max_tokens,
+            preprocessor.prepare, to_conversation(parsed), max_tokens=params.max_tokens,
             template_version=parsed.template_version,
         )  # fmt: skip
         last = None

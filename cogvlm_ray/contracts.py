@@ -8,7 +8,8 @@ for another is one of these:
     SamplingParams   api -> engine
     RequestOutput    engine -> serve/api (streamed deltas)
 
-plus `FinishReason` and the token-type constants shared by the prompt builder and the model.
+plus `FinishReason`, the token-type constants shared by the prompt builder and the model, and
+`check_context_window`, the one context-length check (preprocessor early, engine on admission).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from cogvlm_ray.errors import InvalidRequestError
+from cogvlm_ray.errors import InvalidRequestError, PromptTooLongError
 
 #: `token_type_ids` values: language tokens, and the image span (boi, patches, eoi).
 LANGUAGE_TOKEN_TYPE = 0
@@ -151,3 +152,18 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
         emit_time=later.emit_time,
         image_cache_hit=first.image_cache_hit if first.image_cache_hit is not None else later.image_cache_hit,
     )
+
+
+def check_context_window(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """PromptTooLongError (400) when prompt + max_tokens exceeds `max_model_len`.
+
+    The one wording of this refusal: the preprocessor applies it early (with the engine's
+    `max_model_len`), the engine again on admission.
+    """
+    requested = num_prompt_tokens + max_tokens
+    if requested > max_model_len:
+        raise PromptTooLongError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{requested} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )

@@ -1,7 +1,9 @@
 """Conversions between the OpenAI chat API and the engine, in both directions.
 
 In:  `ChatCompletionRequest` -> checks for unsupported-but-meaningful fields (400), the model
-     name (404), plain message dicts for the preprocessor, and `SamplingParams` for the engine.
+     name (404), the `Conversation` for the preprocessor (parsed once, from the validated
+     pydantic messages), and `SamplingParams` for the engine. Value ranges are pydantic's
+     (`protocol.py`); the engine checks `SamplingParams` again on admission.
 Out: `RequestOutput` deltas -> an OpenAI `chat.completion` body or `chat.completion.chunk`
      objects framed as Server-Sent Events (`data: {...}\\n\\n`, ending with `data: [DONE]`).
 
@@ -17,9 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cogvlm_ray.api.protocol import ChatCompletionRequest
+from cogvlm_ray.api.protocol import ChatCompletionRequest, ChatMessage, TextPart
 from cogvlm_ray.contracts import RequestOutput, SamplingParams
 from cogvlm_ray.errors import CogVLMError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from cogvlm_ray.preprocess.messages import Conversation, Turn, conversation_from_turns
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -104,19 +107,27 @@ def resolve_model_name(request: ChatCompletionRequest, served_model_names: Itera
     return request.model
 
 
-def to_message_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Plain OpenAI message dicts, as the preprocessor takes them ("developer" is a system message)."""
-    messages = []
-    for message in request.messages:
-        raw = message.model_dump(exclude_none=True)
-        if raw["role"] == "developer":
-            raw["role"] = "system"
-        messages.append(raw)
-    return messages
+def to_conversation(request: ChatCompletionRequest) -> Conversation:
+    """The typed conversation for the preprocessor ("developer" is a system message).
+
+    The pydantic schema has already checked every message's shape; this applies the pairing
+    rules once (`preprocess.messages.conversation_from_turns`), so nothing re-parses dicts.
+    """
+    return conversation_from_turns(_turn(index, message) for index, message in enumerate(request.messages))
+
+
+def _turn(index: int, message: ChatMessage) -> Turn:
+    role = "system" if message.role == "developer" else message.role
+    if isinstance(message.content, str):
+        return Turn(index, role, message.content)
+    texts = [part.text for part in message.content if isinstance(part, TextPart)]
+    urls = tuple(part.image_url.url for part in message.content if not isinstance(part, TextPart))
+    return Turn(index, role, "\n".join(texts), urls)
 
 
 def to_sampling_params(request: ChatCompletionRequest, defaults: ChatDefaults) -> SamplingParams:
-    """Engine sampling parameters; raises InvalidRequestError for combinations the engine rejects."""
+    """Engine sampling parameters. Ranges were checked by the schema; the one cross-field rule
+    that depends on the server defaults (min_tokens <= max_tokens) is checked here."""
     max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_tokens
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     top_k = defaults.top_k if request.top_k is None else max(request.top_k, 0)
@@ -134,7 +145,8 @@ def to_sampling_params(request: ChatCompletionRequest, defaults: ChatDefaults) -
         min_tokens=request.min_tokens,
         ignore_eos=request.ignore_eos,
     )
-    params.validate()
+    if params.min_tokens > params.max_tokens:
+        raise InvalidRequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
     return params
 
 

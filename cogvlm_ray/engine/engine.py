@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams
+from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams, check_context_window
 from cogvlm_ray.engine.config import EngineConfig
 from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.kv_cache import BlockManager, allocate_kv_caches, num_kv_blocks_for
@@ -116,12 +116,8 @@ class Engine:
             raise ServiceUnavailableError("engine is shutting down")
         sampling_params.validate()
         validate_prompt(prepared, self.model_config)
+        check_context_window(prepared.num_prompt_tokens, sampling_params.max_tokens, self.max_model_len)
         total = prepared.num_prompt_tokens + sampling_params.max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt ({prepared.num_prompt_tokens} tokens) + max_tokens ({sampling_params.max_tokens}) "
-                f"exceeds the context window of {self.max_model_len} tokens"
-            )
         if total > self.kv_capacity_tokens:
             raise PromptTooLongError(
                 f"prompt + max_tokens ({total} tokens) exceeds the KV cache capacity of {self.kv_capacity_tokens}"

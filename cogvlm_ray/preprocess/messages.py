@@ -1,4 +1,4 @@
-"""OpenAI chat messages -> one CogVLM2 conversation (query, history, image reference).
+"""OpenAI chat messages -> one CogVLM2 `Conversation` (query, history, system, image references).
 
 Owns the rules (docs/preprocessing.md has the full list):
   * `user` / `assistant` messages alternate into (query, response) pairs; the last is `user`.
@@ -11,12 +11,17 @@ Owns the rules (docs/preprocessing.md has the full list):
     (`<preamble> USER: {q} ASSISTANT:`) and `USER: {q} ASSISTANT:` on later turns; the history
     goes through the chat template once (not duplicated as in the official CLI demo).
 Image bytes are not fetched here: the caller resolves `image_urls` (one-image rule included).
+
+The serving path parses once: the API builds `Turn`s from its validated pydantic request and
+calls `conversation_from_turns` (`api/chat.py`); the `Conversation` goes to the preprocessor.
+`parse_messages` is the same for plain dicts (library callers, tests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from cogvlm_ray.errors import InvalidRequestError
 
@@ -31,7 +36,10 @@ _SYSTEM_ROLES = frozenset({"system", "developer"})
 
 @dataclass(frozen=True)
 class Conversation:
-    """Messages reduced to what the template needs (before text-only/system wrapping)."""
+    """Messages reduced to what the template needs (before text-only/system wrapping).
+
+    The one object the ingress sends to the preprocessing replica for a chat request.
+    """
 
     query: str
     history: list[tuple[str, str]]
@@ -40,43 +48,66 @@ class Conversation:
     """Every image_url in the conversation, in order (duplicates included)."""
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One message, already shape-checked: its role, its text parts joined, its image URLs."""
+
+    index: int
+    """Position in the request's `messages` (for error messages)."""
+    role: Literal["system", "user", "assistant"]
+    text: str
+    image_urls: tuple[str, ...] = ()
+
+
+def conversation_from_turns(turns: Iterable[Turn]) -> Conversation:
+    """Apply the pairing rules: system texts joined, user/assistant alternating, user last."""
+    system_texts: list[str] = []
+    pairs: list[tuple[str, str]] = []  # (role, text)
+    image_urls: list[str] = []
+    for turn in turns:
+        if turn.image_urls and turn.role != "user":
+            raise InvalidRequestError(
+                f"messages[{turn.index}]: images are only accepted in user messages", param="messages"
+            )
+        if turn.role == "system":
+            system_texts.append(turn.text)
+            continue
+        expected = "user" if not pairs or pairs[-1][0] == "assistant" else "assistant"
+        if turn.role != expected:
+            raise InvalidRequestError(
+                f"messages[{turn.index}] is {turn.role!r} but {expected!r} was expected: "
+                "user and assistant messages must alternate, starting with user",
+                param="messages",
+            )
+        image_urls.extend(turn.image_urls)
+        pairs.append((turn.role, turn.text))
+    if not pairs or pairs[-1][0] != "user":
+        raise InvalidRequestError("the last non-system message must be from the user", param="messages")
+    history = [(pairs[i][1], pairs[i + 1][1]) for i in range(0, len(pairs) - 1, 2)]
+    system = "\n".join(t for t in system_texts if t) or None
+    return Conversation(query=pairs[-1][1], history=history, system=system, image_urls=image_urls)
+
+
 def parse_messages(messages: list[dict[str, Any]]) -> Conversation:
-    """Validate OpenAI messages (plain dicts) and pair them into turns."""
+    """Validate OpenAI messages given as plain dicts and pair them into turns."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
-    system_texts: list[str] = []
-    turns: list[tuple[str, str]] = []  # (role, text)
-    image_urls: list[str] = []
+    turns: list[Turn] = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidRequestError(f"messages[{index}] must be an object", param="messages")
         role = message.get("role")
         if role in _SYSTEM_ROLES:
-            system_texts.append(
-                _content_text(message.get("content"), index, allow_images=False, image_urls=[])
-            )
-            continue
-        if role not in ("user", "assistant"):
+            role = "system"
+        elif role not in ("user", "assistant"):
             raise InvalidRequestError(
                 f"messages[{index}].role {role!r} is not supported (use system, user or assistant)",
                 param="messages",
             )
-        expected = "user" if not turns or turns[-1][0] == "assistant" else "assistant"
-        if role != expected:
-            raise InvalidRequestError(
-                f"messages[{index}] is {role!r} but {expected!r} was expected: "
-                "user and assistant messages must alternate, starting with user",
-                param="messages",
-            )
-        text = _content_text(
-            message.get("content"), index, allow_images=role == "user", image_urls=image_urls
-        )
-        turns.append((role, text))
-    if not turns or turns[-1][0] != "user":
-        raise InvalidRequestError("the last non-system message must be from the user", param="messages")
-    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
-    system = "\n".join(t for t in system_texts if t) or None
-    return Conversation(query=turns[-1][1], history=history, system=system, image_urls=image_urls)
+        image_urls: list[str] = []
+        text = _content_text(message.get("content"), index, image_urls=image_urls)
+        turns.append(Turn(index, role, text, tuple(image_urls)))
+    return conversation_from_turns(turns)
 
 
 def apply_conversation_rules(
@@ -94,7 +125,9 @@ def apply_conversation_rules(
     return turns[-1], list(zip(turns[:-1], responses, strict=True))
 
 
-def _content_text(content: Any, index: int, *, allow_images: bool, image_urls: list[str]) -> str:
+def _content_text(content: Any, index: int, *, image_urls: list[str]) -> str:
+    """The message's text parts joined; its image URLs go to `image_urls` (the role rule for
+    images is `conversation_from_turns`'s)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -113,10 +146,6 @@ def _content_text(content: Any, index: int, *, allow_images: bool, image_urls: l
                 raise InvalidRequestError(f"{where}.text must be a string", param="messages")
             texts.append(text)
         elif kind == "image_url":
-            if not allow_images:
-                raise InvalidRequestError(
-                    f"{where}: images are only accepted in user messages", param="messages"
-                )
             image_urls.append(_image_url(part.get("image_url"), where))
         else:
             raise InvalidRequestError(

@@ -1,4 +1,4 @@
-"""Preprocessor: OpenAI messages (plain dicts) -> PreparedPrompt, on CPU, without Ray.
+"""Preprocessor: a `Conversation` (or OpenAI messages as plain dicts) -> PreparedPrompt, on CPU, without Ray.
 
 The preprocessing Ray deployment is a thin wrapper around `Preprocessor.prepare`. The call is
 synchronous and CPU-bound (and blocks on I/O when http(s) images are enabled), so an async
@@ -15,11 +15,11 @@ from collections import OrderedDict
 from typing import Any
 
 from cogvlm_ray.config import ModelConfig
-from cogvlm_ray.contracts import PreparedPrompt
-from cogvlm_ray.errors import ImageError, InvalidRequestError, PromptTooLongError
+from cogvlm_ray.contracts import PreparedPrompt, check_context_window
+from cogvlm_ray.errors import ImageError, InvalidRequestError
 from cogvlm_ray.preprocess.http_fetch import Resolver
 from cogvlm_ray.preprocess.images import DecodedImage, content_hash, decode_image
-from cogvlm_ray.preprocess.messages import apply_conversation_rules, parse_messages
+from cogvlm_ray.preprocess.messages import Conversation, apply_conversation_rules, parse_messages
 from cogvlm_ray.preprocess.options import PreprocessOptions
 from cogvlm_ray.preprocess.prompt import build_prompt_ids, resolve_template
 from cogvlm_ray.preprocess.sources import load_image_bytes
@@ -36,9 +36,12 @@ class Preprocessor:
         tokenizer: Any | None = None,
         options: PreprocessOptions | None = None,
         *,
+        max_model_len: int | None = None,
         resolver: Resolver | None = None,
     ):
         """`tokenizer` defaults to the checkpoint's `PreTrainedTokenizerFast` (needs a path).
+        `max_model_len` is the engine's (`EngineConfig.max_model_len`; default the checkpoint's
+        context window), so the early context check refuses exactly what the engine would.
         `resolver` replaces DNS resolution for http(s) images (tests)."""
         if isinstance(model_path_or_config, ModelConfig):
             self.config = model_path_or_config
@@ -52,6 +55,7 @@ class Preprocessor:
                 tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_path_or_config))
         self.tokenizer = tokenizer
         self.options = options or PreprocessOptions()
+        self.max_model_len = max_model_len or self.config.max_context_len
         self._resolver = resolver
         self._cache: OrderedDict[str, DecodedImage] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -63,19 +67,25 @@ class Preprocessor:
         return self.config.vision_config.image_size
 
     def prepare(
-        self, messages: list[dict[str, Any]], *, max_tokens: int, template_version: str | None = None
+        self,
+        conversation: Conversation | list[dict[str, Any]],
+        *,
+        max_tokens: int,
+        template_version: str | None = None,
     ) -> PreparedPrompt:
-        """Validate, fetch/decode the image, build ids and check the context window.
+        """Fetch/decode the image, build ids and check the context window.
 
-        Raises InvalidRequestError (bad messages/template/max_tokens), ImageError (image
-        refused) or PromptTooLongError (prompt + max_tokens > context window).
+        `conversation` comes parsed from the API (`api.chat.to_conversation`); plain message
+        dicts are parsed here. Raises InvalidRequestError (bad messages/template/max_tokens),
+        ImageError (image refused) or PromptTooLongError (prompt + max_tokens > max_model_len).
         """
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidRequestError(
                 f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens"
             )
         template = resolve_template(template_version, self.config)
-        conversation = parse_messages(messages)
+        if not isinstance(conversation, Conversation):
+            conversation = parse_messages(conversation)
         image = self._load_single_image(conversation.image_urls)
         query, history = apply_conversation_rules(
             conversation, has_image=image is not None, template_version=template
@@ -91,7 +101,7 @@ class Preprocessor:
                 has_image=image is not None,
                 template_version=template,
             )
-        self._check_context(len(input_ids), max_tokens)
+        check_context_window(len(input_ids), max_tokens, self.max_model_len)
         return PreparedPrompt(
             input_ids=input_ids,
             token_type_ids=token_type_ids,
@@ -141,16 +151,6 @@ class Preprocessor:
                 while len(self._cache) > self.options.image_cache_size:
                     self._cache.popitem(last=False)
         return decoded
-
-    def _check_context(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        allowed = self.config.max_context_len
-        requested = num_prompt_tokens + max_tokens
-        if requested > allowed:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {allowed} tokens. However, you requested "
-                f"{requested} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
-                "Please reduce the length of the messages or completion."
-            )
 
     def _check_tokenizer(self) -> None:
         """The placeholder id comes from the config; make sure the tokenizer knows it."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 AFFINITY_KWARG = "affinity_key"
 """Keyword argument of `ModelServer.generate` that carries the key to the router."""
@@ -75,27 +75,37 @@ class RoutingDecision:
     """The image's rendezvous home (None for text-only requests)."""
 
 
-def image_affinity_key(messages: Iterable[dict[str, Any]]) -> str | None:
-    """A short stable key for the image of an OpenAI chat request, or None for text-only.
+#: How much of an image reference the affinity key reads: the first and last few KB and a few
+#: evenly spaced windows, plus the length. A 32 MB data URL costs the same as a short one.
+_KEY_EDGE_CHARS = 4096
+_KEY_WINDOWS = 16
+_KEY_WINDOW_CHARS = 256
+
+
+def image_affinity_key(image_urls: Sequence[str]) -> str | None:
+    """A short stable key for the image of a chat request (`Conversation.image_urls`), or None.
 
     It hashes the image reference as sent (the data URL or the http URL), not the decoded pixels:
     the router runs in the ingress before preprocessing, and follow-up turns of a conversation
-    resend the same reference. Two different references to equal pixels only lose affinity,
-    never correctness (the engine's cache key is the preprocessor's content hash). With several
-    images (rejected later with a 400) the first one counts.
+    resend the same reference. It reads a bounded sample of the reference (see above), never the
+    whole base64 image. Two references that share length and every sampled window get one key:
+    that only sends them to the same replica, never changes an answer (the engine's cache key is
+    the preprocessor's content hash of the full bytes). With several images (rejected later with
+    a 400) the first one counts.
     """
-    for message in messages:
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "image_url":
-                continue
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else image_url
-            if isinstance(url, str) and url:
-                return hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
-    return None
+    url = next((u for u in image_urls if u), None)
+    if url is None:
+        return None
+    digest = hashlib.blake2b(f"{len(url)}:".encode(), digest_size=16)
+    if len(url) <= 2 * _KEY_EDGE_CHARS + _KEY_WINDOWS * _KEY_WINDOW_CHARS:
+        digest.update(url.encode())
+    else:
+        digest.update(url[:_KEY_EDGE_CHARS].encode())
+        stride = len(url) // (_KEY_WINDOWS + 1)
+        for i in range(1, _KEY_WINDOWS + 1):
+            digest.update(url[i * stride : i * stride + _KEY_WINDOW_CHARS].encode())
+        digest.update(url[-_KEY_EDGE_CHARS:].encode())
+    return digest.hexdigest()
 
 
 def rendezvous_score(key: str, replica_id: str) -> int:

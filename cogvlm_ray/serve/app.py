@@ -49,7 +49,7 @@ def _metrics(args: AppArgs) -> Any:
 
 @serve.deployment(name=PREPROCESSOR, max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
 class PreprocessorDeployment:
-    """CPU: OpenAI messages -> PreparedPrompt (tokenizer and config loaded once per replica)."""
+    """CPU: Conversation -> PreparedPrompt (tokenizer and config loaded once per replica)."""
 
     def __init__(self, raw_args: dict[str, Any]):
         args = AppArgs.model_validate(raw_args)
@@ -57,10 +57,8 @@ class PreprocessorDeployment:
             make_preprocessor(args, args.model_dir(weights=False)), metrics=_metrics(args)
         )
 
-    async def prepare(
-        self, messages: list[dict[str, Any]], max_tokens: int, template_version: str | None
-    ) -> Any:
-        return await self.server.prepare(messages, max_tokens, template_version)
+    async def prepare(self, conversation: Any, max_tokens: int, template_version: str | None) -> Any:
+        return await self.server.prepare(conversation, max_tokens, template_version)
 
 
 @serve.deployment(

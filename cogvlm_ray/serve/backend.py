@@ -23,6 +23,7 @@ from typing import Any
 
 from cogvlm_ray.contracts import RequestOutput, SamplingParams
 from cogvlm_ray.errors import CogVLMError, OverloadedError, ServiceUnavailableError
+from cogvlm_ray.preprocess.messages import Conversation
 from cogvlm_ray.serve.affinity import image_affinity_key
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class RayChatBackend:
 
     async def generate(
         self,
-        messages: list[dict[str, Any]],
+        conversation: Conversation,
         sampling_params: SamplingParams,
         template_version: str | None,
         request_id: str,
@@ -119,12 +120,15 @@ class RayChatBackend:
         self._num_in_flight += 1
         try:
             prepared = self.preprocessor.prepare.remote(
-                messages, sampling_params.max_tokens, template_version
+                conversation, sampling_params.max_tokens, template_version
             )
             # The image key rides along as a kwarg so the ModelServer's request router can send
             # follow-up turns about one image to the replica that cached it (serve/router.py).
             response = self.model.options(stream=True).generate.remote(
-                prepared, sampling_params, request_id, affinity_key=image_affinity_key(messages)
+                prepared,
+                sampling_params,
+                request_id,
+                affinity_key=image_affinity_key(conversation.image_urls),
             )
             try:
                 async for output in response:

@@ -67,4 +67,5 @@ def make_preprocessor(args: AppArgs, model_dir: Path) -> Any:
     """The CPU preprocessor (tokenizer + config read once from the checkpoint directory)."""
     from cogvlm_ray.preprocess import Preprocessor
 
-    return Preprocessor(model_dir, options=args.preprocess)
+    # The engine's context limit, so the early check refuses exactly what the engine would.
+    return Preprocessor(model_dir, options=args.preprocess, max_model_len=args.engine.max_model_len)

@@ -43,6 +43,7 @@ from cogvlm_ray.errors import (
     RequestTooLargeError,
     ServiceUnavailableError,
 )
+from cogvlm_ray.preprocess.messages import Conversation
 from cogvlm_ray.serve import metrics as metrics_module
 from cogvlm_ray.serve.metrics import Metrics
 
@@ -54,7 +55,7 @@ class ChatBackend(Protocol):
 
     def generate(
         self,
-        messages: list[dict[str, Any]],
+        conversation: Conversation,
         sampling_params: SamplingParams,
         template_version: str | None,
         request_id: str,
@@ -244,7 +245,7 @@ def create_app(
             None if settings.request_timeout_s is None else time.monotonic() + settings.request_timeout_s
         )
         stream = backend.generate(
-            chat.to_message_dicts(body), sampling_params, body.template_version, request_id
+            chat.to_conversation(body), sampling_params, body.template_version, request_id
         )
         outputs = stream.__aiter__()
         headers = {"X-Request-Id": request_id}

@@ -19,10 +19,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams
 from cogvlm_ray.engine.stats import EngineStats
+from cogvlm_ray.preprocess.messages import Conversation
 from cogvlm_ray.serve import metrics as m
 from cogvlm_ray.serve.metrics import Metrics
 from cogvlm_ray.serve.streaming import coalesce
@@ -45,7 +46,7 @@ class EngineLike(Protocol):
 
 class PreprocessorLike(Protocol):
     def prepare(
-        self, messages: list[dict[str, Any]], *, max_tokens: int, template_version: str | None
+        self, conversation: Conversation, *, max_tokens: int, template_version: str | None
     ) -> PreparedPrompt: ...
 
 
@@ -177,12 +178,15 @@ class PreprocessServer:
         self.metrics = metrics or Metrics()
 
     async def prepare(
-        self, messages: list[dict[str, Any]], max_tokens: int, template_version: str | None
+        self, conversation: Conversation, max_tokens: int, template_version: str | None
     ) -> PreparedPrompt:
         start = time.perf_counter()
         try:
             return await asyncio.to_thread(
-                self.preprocessor.prepare, messages, max_tokens=max_tokens, template_version=template_version
+                self.preprocessor.prepare,
+                conversation,
+                max_tokens=max_tokens,
+                template_version=template_version,
             )
         finally:
             self.metrics.observe(m.PREPROCESS_SECONDS, time.perf_counter() - start)

@@ -125,7 +125,7 @@ def test_follow_ups_about_an_image_land_on_the_replica_that_cached_it(affinity_a
     replica_ids = sorted(before)
     assert len(replica_ids) == 2
     urls = [image_url(seed) for seed in range(6)]
-    homes = [rendezvous_rank(image_affinity_key(ask(url, "")), replica_ids)[0] for url in urls]
+    homes = [rendezvous_rank(image_affinity_key([url]), replica_ids)[0] for url in urls]
     for url in urls:
         for question in ("What is this?", "What colour is it?", "Describe it.", "Anything else?"):
             assert isinstance(affinity_app.chat(ask(url, question)), str)
@@ -144,7 +144,7 @@ def test_text_only_requests_are_served_with_the_default_policy(affinity_app: Aff
 def test_overloaded_home_falls_back_to_the_other_replica(affinity_app: AffinityApp):
     url = image_url(100)
     before = affinity_app.replica_stats()
-    home = rendezvous_rank(image_affinity_key(ask(url, "")), sorted(before))[0]
+    home = rendezvous_rank(image_affinity_key([url]), sorted(before))[0]
     fallbacks = affinity_app.routing_decisions().get(("fallback", "overloaded"), 0)
     first_chunk = threading.Event()
     long_stream: dict[str, Any] = {}
@@ -178,7 +178,7 @@ def test_killing_the_home_replica_still_serves_the_follow_up(affinity_app: Affin
     from ray.serve._private.common import DeploymentID, ReplicaID
 
     url = image_url(200)
-    home = rendezvous_rank(image_affinity_key(ask(url, "")), sorted(affinity_app.replica_stats()))[0]
+    home = rendezvous_rank(image_affinity_key([url]), sorted(affinity_app.replica_stats()))[0]
     affinity_app.chat(ask(url, "What is this?"))
     before = affinity_app.replica_stats()
     actor_name = ReplicaID(home, DeploymentID(name=MODEL_SERVER, app_name=APP)).to_full_id_str()

@@ -11,6 +11,7 @@ from cogvlm_ray.api import chat
 from cogvlm_ray.api.protocol import MAX_MESSAGES, MAX_STOP_STRINGS, ChatCompletionChunk, ChatCompletionRequest
 from cogvlm_ray.contracts import RequestOutput
 from cogvlm_ray.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from cogvlm_ray.preprocess.messages import Conversation
 
 USER = {"role": "user", "content": "hi"}
 
@@ -20,7 +21,7 @@ def request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate(fields)
 
 
-def test_text_and_image_parts_parse_to_plain_dicts_for_the_preprocessor():
+def test_text_and_image_parts_parse_once_into_the_conversation_for_the_preprocessor():
     body = request(
         messages=[
             {"role": "developer", "content": "Be brief."},
@@ -28,11 +29,29 @@ def test_text_and_image_parts_parse_to_plain_dicts_for_the_preprocessor():
                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
         ]
     )  # fmt: skip
-    assert chat.to_message_dicts(body) == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "What is it?"},
-                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
-    ]  # fmt: skip
+    assert chat.to_conversation(body) == Conversation(
+        query="What is it?", history=[], system="Be brief.", image_urls=["data:image/png;base64,AA"]
+    )
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        [{"role": "user", "content": "a"},
+         {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,x"}}]},
+         {"role": "user", "content": "b"}],
+    ],
+)  # fmt: skip
+def test_conversation_rules_apply_to_the_validated_request_like_to_plain_dicts(messages):
+    from cogvlm_ray.preprocess.messages import parse_messages
+
+    with pytest.raises(InvalidRequestError) as from_request:
+        chat.to_conversation(request(messages=messages))
+    with pytest.raises(InvalidRequestError) as from_dicts:
+        parse_messages(messages)
+    assert from_request.value.message == from_dicts.value.message
 
 
 @pytest.mark.parametrize(

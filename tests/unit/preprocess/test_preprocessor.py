@@ -170,3 +170,20 @@ def test_concurrent_prepare_matches_sequential(make_preprocessor):
         concurrent = list(pool.map(lambda r: pre.prepare(r, max_tokens=8), requests))
     for a, b in zip(sequential, concurrent, strict=True):
         assert a.input_ids == b.input_ids and a.image_hash == b.image_hash
+
+
+def test_early_context_check_uses_the_engines_max_model_len(model_config, tokenizer):
+    """With `engine.max_model_len` set, the preprocessor refuses exactly what the engine would."""
+    preprocessor = Preprocessor(model_config, tokenizer, max_model_len=128)
+    num_prompt = preprocessor.prepare([{"role": "user", "content": "Hello"}], max_tokens=1).num_prompt_tokens
+    preprocessor.prepare([{"role": "user", "content": "Hello"}], max_tokens=128 - num_prompt)
+    with pytest.raises(PromptTooLongError, match="maximum context length is 128 tokens"):
+        preprocessor.prepare([{"role": "user", "content": "Hello"}], max_tokens=129 - num_prompt)
+
+
+def test_a_parsed_conversation_is_taken_as_is(make_preprocessor):
+    from cogvlm_ray.preprocess.messages import parse_messages
+
+    messages = [{"role": "user", "content": "Hello"}]
+    pre = make_preprocessor()
+    assert pre.prepare(parse_messages(messages), max_tokens=4) == pre.prepare(messages, max_tokens=4)

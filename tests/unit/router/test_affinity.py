@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from cogvlm_ray.preprocess.messages import parse_messages
 from cogvlm_ray.serve.affinity import (
     AffinityPolicy,
     ReplicaLoad,
@@ -29,6 +30,10 @@ def loads(**num_ongoing: int | None) -> list[ReplicaLoad]:
     return [ReplicaLoad(rid, n, max_ongoing=8) for rid, n in num_ongoing.items()]
 
 
+def key(messages: list[dict]) -> str | None:
+    return image_affinity_key(parse_messages(messages).image_urls)
+
+
 def test_key_is_stable_across_turns_and_differs_between_images():
     first = [turn(CAT)]
     follow_up = [
@@ -36,16 +41,32 @@ def test_key_is_stable_across_turns_and_differs_between_images():
         {"role": "assistant", "content": "A cat."},
         {"role": "user", "content": "What colour?"},
     ]
-    assert image_affinity_key(first) == image_affinity_key(follow_up) is not None
-    assert image_affinity_key([turn(DOG)]) not in (None, image_affinity_key(first))
-    assert image_affinity_key([turn(CAT, "another question")]) == image_affinity_key(first)
+    assert key(first) == key(follow_up) is not None
+    assert key([turn(DOG)]) not in (None, key(first))
+    assert key([turn(CAT, "another question")]) == key(first)
 
 
-def test_text_only_and_malformed_parts_have_no_key():
-    assert image_affinity_key([{"role": "user", "content": "hi"}]) is None
-    assert image_affinity_key([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) is None
-    assert image_affinity_key([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]) is None
-    assert image_affinity_key([]) is None
+def test_text_only_requests_have_no_key():
+    assert key([{"role": "user", "content": "hi"}]) is None
+    assert key([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) is None
+    assert image_affinity_key([]) is None and image_affinity_key([""]) is None
+
+
+def test_key_of_a_big_data_url_reads_a_bounded_sample():
+    """Not the whole base64 image: bytes outside the sampled windows do not change the key,
+    while the length, the head, the tail and the sampled windows do."""
+    body = "A" * (8 * 1024 * 1024)
+    url = "data:image/png;base64," + body
+    middle = len(url) // 2 + 1000  # between two sampled windows
+    changed_outside = url[:middle] + "B" + url[middle + 1 :]
+    assert image_affinity_key([url]) == image_affinity_key([changed_outside])
+    assert image_affinity_key([url]) != image_affinity_key([url + "A"])  # length
+    assert image_affinity_key([url]) != image_affinity_key([url[:-1] + "B"])  # tail
+    assert image_affinity_key([url]) != image_affinity_key(["data:image/jpeg;base64," + body[1:]])  # head
+    stride = len(url) // 17
+    assert image_affinity_key([url]) != image_affinity_key(
+        [url[:stride] + "B" + url[stride + 1 :]]
+    )  # a window
 
 
 def test_rank_is_deterministic_and_independent_of_replica_order():

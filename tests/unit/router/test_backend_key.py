@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from cogvlm_ray.contracts import SamplingParams
+from cogvlm_ray.preprocess.messages import parse_messages
 from cogvlm_ray.serve.affinity import AFFINITY_KWARG, image_affinity_key
 from cogvlm_ray.serve.backend import RayChatBackend
 
@@ -45,7 +46,8 @@ def model_call_kwargs(messages: list[dict]) -> dict[str, Any]:
     backend._status = (float("inf"), None, 1)  # never query serve.status()
 
     async def consume() -> list[Any]:
-        return [o async for o in backend.generate(messages, SamplingParams(max_tokens=2), None, "req-1")]
+        conversation = parse_messages(messages)
+        return [o async for o in backend.generate(conversation, SamplingParams(max_tokens=2), None, "req-1")]
 
     assert asyncio.run(consume()) == ["delta"]
     ((args, kwargs),) = model.calls
@@ -57,7 +59,7 @@ def test_image_requests_carry_their_affinity_key():
     messages = [{"role": "user", "content": [{"type": "text", "text": "hi"},
                                              {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]  # fmt: skip
     key = model_call_kwargs(messages)[AFFINITY_KWARG]
-    assert key == image_affinity_key(messages) and isinstance(key, str)
+    assert key == image_affinity_key(["data:image/png;base64,AAAA"]) and isinstance(key, str)
 
 
 def test_text_only_requests_carry_none():

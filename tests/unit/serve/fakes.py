@@ -9,6 +9,7 @@ from typing import Any
 
 from cogvlm_ray.contracts import RequestOutput, SamplingParams
 from cogvlm_ray.errors import CogVLMError, ServiceUnavailableError
+from cogvlm_ray.preprocess.messages import Conversation
 
 
 @dataclass
@@ -34,12 +35,12 @@ class FakeBackend:
 
     def generate(
         self,
-        messages: list[dict],
+        conversation: Conversation,
         sampling_params: SamplingParams,
         template_version: str | None,
         request_id: str,
     ) -> AsyncIterator[RequestOutput]:
-        self.calls.append({"messages": messages, "sampling_params": sampling_params,
+        self.calls.append({"conversation": conversation, "sampling_params": sampling_params,
                            "template_version": template_version, "request_id": request_id})  # fmt: skip
         return self._stream(request_id)
 

@@ -10,7 +10,10 @@ from ray.serve import exceptions as serve_exceptions
 
 from cogvlm_ray.contracts import SamplingParams
 from cogvlm_ray.errors import ImageError, OverloadedError, ServiceUnavailableError
+from cogvlm_ray.preprocess.messages import Conversation
 from cogvlm_ray.serve.backend import RayChatBackend, to_api_error
+
+TEXT_ONLY = Conversation(query="hi", history=[], system=None)
 
 
 def test_backpressure_is_429_and_missing_replicas_are_503():
@@ -78,7 +81,7 @@ def test_admission_counts_in_flight_requests_and_rejects_beyond_capacity():
 
     async def scenario():
         params = SamplingParams(max_tokens=4)
-        streams = [backend.generate([], params, None, f"r{i}").__aiter__() for i in range(4)]
+        streams = [backend.generate(TEXT_ONLY, params, None, f"r{i}").__aiter__() for i in range(4)]
         firsts = [await s.__anext__() for s in streams[:3]]
         assert backend.num_in_flight == 3
         with pytest.raises(OverloadedError):

@@ -18,6 +18,7 @@ from cogvlm_ray.errors import (
     PromptTooLongError,
     ServiceUnavailableError,
 )
+from cogvlm_ray.preprocess.messages import Conversation
 from cogvlm_ray.serve.ingress import IngressSettings, _sse_events, create_app
 from cogvlm_ray.serve.metrics import Metrics
 from tests.unit.serve.fakes import FakeBackend, raising
@@ -68,7 +69,7 @@ def test_non_streaming_completion_shape_usage_and_engine_inputs():
     assert body.usage.model_dump() == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
     assert response.headers["x-request-id"] == body.id
     call = backend.calls[0]
-    assert call["messages"] == MESSAGES
+    assert call["conversation"] == Conversation(query="Say hello", history=[], system=None)  # parsed once
     assert call["template_version"] == "vqa"
     params = call["sampling_params"]
     assert (params.max_tokens, params.temperature, params.stop, params.top_k) == (33, 0.0, ("END",), 0)
@@ -259,7 +260,7 @@ def test_closing_the_sse_generator_closes_the_backend_stream():
     backend = FakeBackend(pieces=["a", "b", "c", "d"], delay_s=0.01)
 
     async def scenario():
-        outputs = backend.generate(MESSAGES, None, None, "req-1").__aiter__()  # type: ignore[arg-type]
+        outputs = backend.generate(None, None, None, "req-1").__aiter__()  # type: ignore[arg-type]
         first: RequestOutput = await outputs.__anext__()
         events = _sse_events(ChunkWriter("req-1", "m", include_usage=False), first, outputs, None, None)
         received = [await events.__anext__(), await events.__anext__()]

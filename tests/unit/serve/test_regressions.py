@@ -9,9 +9,12 @@ from fastapi.testclient import TestClient
 
 from cogvlm_ray.contracts import SamplingParams
 from cogvlm_ray.errors import OverloadedError
+from cogvlm_ray.preprocess.messages import Conversation
 from cogvlm_ray.serve.backend import RayChatBackend
 from cogvlm_ray.serve.ingress import IngressSettings, create_app
 from tests.unit.serve.fakes import FakeBackend
+
+TEXT_ONLY = Conversation(query="hi", history=[], system=None)
 
 
 def test_deeply_nested_json_is_a_400_not_a_500():
@@ -71,7 +74,7 @@ def test_cleanup_cancel_does_not_replace_the_mapped_error(monkeypatch):
     monkeypatch.setattr(backend, "_readiness_problem", no_problem)
 
     async def run():
-        async for _ in backend.generate([], SamplingParams(), None, "r1"):
+        async for _ in backend.generate(TEXT_ONLY, SamplingParams(), None, "r1"):
             pass
 
     with pytest.raises(OverloadedError):
