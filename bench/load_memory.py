@@ -1,6 +1,6 @@
 """Peak RSS while `load_model` loads a ~1 GB random CogVLM2 checkpoint in the official sharded layout.
 
-Goal (issue 2, point 5): weights go straight to their final dtype and device, so the peak RSS
+Goal: weights go straight to their final dtype and device, so the peak RSS
 increase during `load_model(dir, dtype=torch.bfloat16, device_map="cpu")` stays within 1.3x the
 checkpoint's bytes (no full float32 copy, no second copy of the state dict).
 

@@ -1,8 +1,9 @@
 """Pydantic schemas for the OpenAI-compatible HTTP API (the edge of the system).
 
 Owns: the shape and the *bounds* of what a client may send to `POST /v1/chat/completions`
-(message count, text length, stop strings, sampling ranges, NaN/inf rejected) and the shape of
-what we send back. A request that fails these schemas is a 422. Fields that parse but ask for
+(message count, text length, stop strings, sampling ranges, NaN/inf rejected). A request that
+fails these schemas is a 422. Responses are built as plain dicts in `api/chat.py` (per chunk,
+without a pydantic round trip); the tests check them against OpenAI-shaped models. Fields that parse but ask for
 something we do not support (n > 1, tools, logprobs, ...) are checked in `api/chat.py` and give a
 400, so nothing a client asks for is ever silently ignored. Unknown fields are rejected (422).
 
@@ -124,68 +125,3 @@ class ChatCompletionRequest(_Strict):
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
-
-
-# ---- responses -------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class Choice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: str | None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "cogvlm-ray"
-    root: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

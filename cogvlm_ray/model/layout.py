@@ -15,7 +15,7 @@ from cogvlm_ray.contracts import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 def build_position_ids(
     token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Rotary positions per the official CogVLM2 rule (spec section 7), for `[L]` or `[B, L]`.
+    """Rotary positions per the official CogVLM2 rule, for `[L]` or `[B, L]`.
 
     Masked positions (attention_mask == 0) count as neither type and repeat the previous
     position. Inside a run of vision tokens, the first and last (boi, eoi) count as language.

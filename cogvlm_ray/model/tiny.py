@@ -2,7 +2,7 @@
 
 `make_tiny_checkpoint(dir)` writes what `THUDM/cogvlm2-llama3-chat-19B` ships, at any size:
 `config.json` (official keys), `generation_config.json`, weights under the official parameter
-names and shapes (spec section 13, `rotary_emb.inv_freq` buffers included) as one
+names and shapes (`rotary_emb.inv_freq` buffers included) as one
 `model.safetensors` or HF-style shards + `model.safetensors.index.json`, and the Llama-3-shaped
 tokenizer of `tiny_tokenizer.py`. Everything is deterministic in `seed`: the same arguments give
 the same bytes.
@@ -91,7 +91,7 @@ def tiny_config(
 
 
 def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Official parameter name -> shape, in module order (spec section 13; 1221 tensors for the real config)."""
+    """Official parameter name -> shape, in module order (1221 tensors for the real config)."""
     d, inter, v = config.hidden_size, config.intermediate_size, config.vision_config
     qkv = d + 2 * config.num_multi_query_heads * config.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d)}

@@ -33,7 +33,7 @@ def test_full_preset_is_the_published_config_and_spec_table(fixture_dir: Path) -
     config = tiny_config("full")
     assert config == ModelConfig.from_pretrained(fixture_dir / "real_config.json")
     shapes = checkpoint_shapes(config)
-    # Spec section 13/14: 1221 tensors, index total_size 39,006,214,656 bytes in bf16.
+    # The official checkpoint: 1221 tensors, index total_size 39,006,214,656 bytes in bf16.
     assert len(shapes) == 1221
     assert 2 * sum(math.prod(s) for s in shapes.values()) == 39_006_214_656
     expected = {

@@ -1,4 +1,4 @@
-"""Fixture parity of the prompt builder and the template rules (spec section 5)."""
+"""Fixture parity of the prompt builder and the template rules."""
 
 from __future__ import annotations
 

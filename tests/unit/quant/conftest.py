@@ -17,7 +17,7 @@ FIXTURE_DIR = Path(__file__).parents[2] / "fixtures" / "cogvlm2-tiny"
 CASES = ["chat_image", "base_image", "vqa_image", "chat_history_image", "text_only_chat"]
 PAD_ID = 514
 
-#: The `quantization_config` of THUDM/cogvlm2-llama3-chat-19B-int4 (issue 10).
+#: The `quantization_config` of THUDM/cogvlm2-llama3-chat-19B-int4, as published with the checkpoint.
 OFFICIAL_INT4_CONFIG = {
     "quant_method": "bitsandbytes",
     "load_in_4bit": True,

@@ -9,7 +9,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cogvlm_ray.api.chat import ChatDefaults, ChunkWriter
-from cogvlm_ray.api.protocol import ChatCompletionChunk, ChatCompletionResponse
 from cogvlm_ray.contracts import RequestOutput
 from cogvlm_ray.errors import (
     EngineDeadError,
@@ -21,6 +20,7 @@ from cogvlm_ray.errors import (
 from cogvlm_ray.preprocess.messages import Conversation
 from cogvlm_ray.serve.ingress import IngressSettings, _sse_events, create_app
 from cogvlm_ray.serve.metrics import Metrics
+from tests.unit.api.openai_shapes import ChatCompletionChunk, ChatCompletionResponse
 from tests.unit.serve.fakes import FakeBackend, raising
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
