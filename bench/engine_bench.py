@@ -48,10 +48,8 @@ from transformers import PreTrainedTokenizerFast
 
 from cogvlm_ray.contracts import PreparedPrompt
 from cogvlm_ray.engine import Engine, EngineConfig, SamplingParams
-from cogvlm_ray.engine.kv_cache import allocate_kv_caches
-from cogvlm_ray.model import AttentionMetadata, load_model
-from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
-from cogvlm_ray.model.pixels import normalize_image
+from cogvlm_ray.engine.baseline import NaiveLoop
+from cogvlm_ray.model import load_model
 from cogvlm_ray.model.tiny import make_tiny_checkpoint
 from cogvlm_ray.preprocess.images import pixel_hash
 from cogvlm_ray.preprocess.prompt import build_prompt_ids
@@ -87,47 +85,12 @@ class Bench:
         return SamplingParams(max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True)
 
 
-@torch.inference_mode()
 def baseline(bench: Bench, prompts: list[PreparedPrompt]) -> dict[str, float]:
     """One request at a time to completion: vision tower, prefill, then batch-1 cached decode."""
-    model, block_size = bench.model, 16
-    config = model.model_config
     max_len = max(p.num_prompt_tokens for p in prompts) + bench.max_tokens
-    num_blocks = -(-max_len // block_size)
-    caches = allocate_kv_caches(
-        model.kv_cache_layout(), num_blocks, block_size, config.num_key_value_heads, config.head_dim
-    )
-    table = list(range(num_blocks))
+    naive = NaiveLoop(bench.model, max_len)
     start, cpu_start = time.perf_counter(), time.process_time()
-    ttfts = []
-    for prompt in prompts:
-        t0 = time.perf_counter()
-        types = torch.tensor(prompt.token_type_ids)
-        features = model.encode_images(normalize_image(prompt.image)[None])[0]
-        length = prompt.num_prompt_tokens
-        meta = AttentionMetadata.build([length], [0], [table], block_size)
-        hidden = model.forward_flat(
-            torch.tensor(prompt.input_ids),
-            build_position_ids(types),
-            build_vision_expert_mask(types),
-            caches,
-            meta,
-            image_embeds=features,
-            image_token_mask=types == 1,
-        )
-        token = int(model.compute_logits(hidden[-1:]).argmax(-1))
-        ttfts.append(time.perf_counter() - t0)
-        position = int(build_position_ids(types)[-1])
-        for step in range(1, bench.max_tokens):
-            meta = AttentionMetadata.build([1], [length + step - 1], [table], block_size)
-            hidden = model.forward_flat(
-                torch.tensor([token]),
-                torch.tensor([position + step]),
-                torch.zeros(1, dtype=torch.bool),
-                caches,
-                meta,
-            )
-            token = int(model.compute_logits(hidden).argmax(-1))
+    ttfts = [naive.generate(prompt, bench.max_tokens)[0] for prompt in prompts]
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = len(prompts) * bench.max_tokens
     return {

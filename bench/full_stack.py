@@ -39,14 +39,14 @@ from typing import Any
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from cogvlm_ray.loadgen.chart import write_chart
+from cogvlm_ray.loadgen.client import RequestResult
+from cogvlm_ray.loadgen.report import RunSummary, format_summary, summarize
+from cogvlm_ray.loadgen.runner import RunSettings, run_requests
+from cogvlm_ray.loadgen.workload import BenchRequest, WorkloadSpec, build_requests
+from cogvlm_ray.serve.ports import free_port
 
-from cogvlm_ray.loadgen.chart import write_chart  # noqa: E402
-from cogvlm_ray.loadgen.client import RequestResult  # noqa: E402
-from cogvlm_ray.loadgen.report import RunSummary, format_summary, summarize  # noqa: E402
-from cogvlm_ray.loadgen.runner import RunSettings, run_requests  # noqa: E402
-from cogvlm_ray.loadgen.workload import BenchRequest, WorkloadSpec, build_requests  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("bench.full_stack")
 
@@ -263,14 +263,6 @@ def _wait_healthy(base_url: str, process: subprocess.Popen, timeout_s: float) ->
             pass
         time.sleep(1.0)
     raise RuntimeError(f"the app was not healthy within {timeout_s}s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

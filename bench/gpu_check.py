@@ -13,8 +13,11 @@ What it measures (one run, one process, `bench/gpu_check.sh` wraps it for an H10
     bytes read per decode step (language-path weights + lm_head + the KV of the context)
     divided by the measured step time, over `--peak-bandwidth` (3.35e12 B/s for H100 SXM).
 
-    python bench/gpu_check.py --device cuda --preset full --output gpu_check.json
-    python bench/gpu_check.py --device cpu --preset tiny      # code-path smoke test on CPU
+    PYTHONPATH=. python bench/gpu_check.py --device cuda --preset full --output gpu_check.json
+    PYTHONPATH=. python bench/gpu_check.py --device cpu --preset tiny  # code-path smoke test on CPU
+
+Run from the repository root; `PYTHONPATH=.` is enough on a machine with only torch and
+transformers (the package need not be installed). `bench/gpu_check.sh` sets it.
 
 Prints one JSON document (also written to `--output`); logs progress on stderr.
 """
@@ -35,21 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from cogvlm_ray.config import ModelConfig
+from cogvlm_ray.contracts import PreparedPrompt
+from cogvlm_ray.engine import Engine, EngineConfig, RequestOutput, SamplingParams
+from cogvlm_ray.engine.baseline import NaiveLoop
+from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM
+from cogvlm_ray.model.random_init import build_random_model
+from cogvlm_ray.model.tiny import tiny_config
+from cogvlm_ray.model.tiny_tokenizer import write_tokenizer
+from cogvlm_ray.preprocess.images import pixel_hash
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from cogvlm_ray.config import ModelConfig  # noqa: E402
-from cogvlm_ray.contracts import PreparedPrompt  # noqa: E402
-from cogvlm_ray.engine import Engine, EngineConfig, RequestOutput, SamplingParams  # noqa: E402
-from cogvlm_ray.engine.kv_cache import allocate_kv_caches  # noqa: E402
-from cogvlm_ray.model.attention import AttentionMetadata  # noqa: E402
-from cogvlm_ray.model.cogvlm import CogVLM2ForCausalLM  # noqa: E402
-from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask  # noqa: E402
-from cogvlm_ray.model.pixels import normalize_image  # noqa: E402
-from cogvlm_ray.model.tiny import rotary_inv_freq, tiny_config  # noqa: E402
-from cogvlm_ray.model.tiny_tokenizer import write_tokenizer  # noqa: E402
-from cogvlm_ray.preprocess.images import pixel_hash  # noqa: E402
-
 logger = logging.getLogger("bench.gpu_check")
 
 REAL_CONFIG = REPO / "tests" / "fixtures" / "cogvlm2-tiny" / "real_config.json"
@@ -60,42 +59,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # ---- model ----------------------------------------------------------------------------------
 def model_config_for(preset: str) -> ModelConfig:
     return ModelConfig.from_pretrained(REAL_CONFIG) if preset == "full" else tiny_config(preset)
-
-
-def init_parameter_(name: str, param: torch.Tensor, generator: torch.Generator) -> None:
-    """In-place random values on the parameter's own device, same scales as `tiny.init_tensor`."""
-    shape = tuple(param.shape)
-    if name.endswith(".bias"):
-        param.normal_(0.0, 0.1, generator=generator)
-    elif "norm" in name.rsplit(".", 2)[-2]:  # RMSNorm / LayerNorm weight
-        param.normal_(1.0, 0.1, generator=generator)
-    elif name.endswith(("embed_tokens.weight", "position_embedding.weight")):
-        param.normal_(0.0, 1.0, generator=generator)
-    elif name.endswith(("cls_embedding", ".boi", ".eoi")):
-        param.normal_(0.0, shape[-1] ** -0.5, generator=generator)
-    elif name == "lm_head.weight":
-        param.normal_(0.0, 6.0 * shape[1] ** -0.5, generator=generator)
-    else:  # Linear [out, in] or Conv2d [out, in, kh, kw]
-        param.normal_(0.0, float(np.prod(shape[1:])) ** -0.5, generator=generator)
-
-
-@torch.no_grad()
-def build_random_model(
-    config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int
-) -> CogVLM2ForCausalLM:
-    """Meta-device instantiation, cast on meta, `to_empty` on `device`, random fill in place."""
-    with torch.device("meta"):
-        model = CogVLM2ForCausalLM(config)
-    model.to(dtype)  # on meta: free; the real allocation below is already in `dtype`
-    model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        init_parameter_(name, param, generator)
-    for name, buffer in model.named_buffers():
-        if not name.endswith("rotary_emb.inv_freq"):
-            raise RuntimeError(f"no initialiser for buffer {name}; extend build_random_model")
-        buffer.copy_(rotary_inv_freq(config, buffer.dtype))
-    return model.eval()
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
@@ -146,56 +109,6 @@ class EngineClient:
 
     async def together(self, prompts: list[PreparedPrompt], max_tokens: int) -> list[list[RequestOutput]]:
         return list(await asyncio.gather(*(self.one(p, max_tokens) for p in prompts)))
-
-
-class NaiveLoop:
-    """The official demo's approach: one request at a time, to completion, no engine.
-
-    Vision tower, one prefill, then one batch-1 `forward_flat` per token over a private KV
-    cache, greedy, fixed length (like ignore_eos). Each sampled id is read on the host, as
-    the demo's streamer does, so times are device-synchronised.
-    """
-
-    def __init__(self, model: CogVLM2ForCausalLM, max_len: int, block_size: int = 16):
-        config = model.model_config
-        self.model, self.block_size = model, block_size
-        num_blocks = -(-max_len // block_size)
-        layout = model.kv_cache_layout()
-        self.caches = allocate_kv_caches(
-            layout, num_blocks, block_size, config.num_key_value_heads, config.head_dim
-        )
-        self.table = list(range(num_blocks))
-        self.device = layout[0][0]
-
-    @torch.inference_mode()
-    def generate(self, prompt: PreparedPrompt, max_tokens: int) -> tuple[float, float, list[int]]:
-        """(TTFT s, total s, token ids) for one request generating exactly `max_tokens` tokens."""
-        model, device, table, block = self.model, self.device, self.table, self.block_size
-        start = time.perf_counter()
-        types = torch.tensor(prompt.token_type_ids)
-        positions = build_position_ids(types)
-        image_embeds = image_mask = None
-        if prompt.image is not None:
-            image_embeds = model.encode_images(normalize_image(prompt.image, device=device)[None])[0]
-            image_mask = (types == 1).to(device)
-        length = len(prompt.input_ids)
-        hidden = model.forward_flat(
-            torch.tensor(prompt.input_ids, device=device), positions.to(device),
-            build_vision_expert_mask(types).to(device), self.caches,
-            AttentionMetadata.build([length], [0], [table], block, device=device),
-            image_embeds=image_embeds, image_token_mask=image_mask,
-        )  # fmt: skip
-        tokens = [int(model.compute_logits(hidden[-1:]).argmax(-1))]
-        ttft = time.perf_counter() - start
-        last_position = int(positions[-1])
-        for step in range(1, max_tokens):
-            hidden = model.forward_flat(
-                torch.tensor([tokens[-1]], device=device), torch.tensor([last_position + step], device=device),
-                torch.zeros(1, dtype=torch.bool, device=device), self.caches,
-                AttentionMetadata.build([1], [length + step - 1], [table], block, device=device),
-            )  # fmt: skip
-            tokens.append(int(model.compute_logits(hidden).argmax(-1)))
-        return ttft, time.perf_counter() - start, tokens
 
 
 def ttft_s(outputs: list[RequestOutput], since: float | None = None) -> float:

@@ -35,6 +35,7 @@ from cogvlm_ray.config import ModelConfig
 from cogvlm_ray.model import AttentionMetadata, CogVLM2ForCausalLM
 from cogvlm_ray.model.loading import build_meta_model, set_tensor
 from cogvlm_ray.model.quantization import QuantizationSpec, build_quantizer
+from cogvlm_ray.model.random_init import init_parameter_
 
 logger = logging.getLogger("bench.quant_gpu")
 
@@ -87,9 +88,8 @@ def build_random(config: ModelConfig, mode: str, device: torch.device) -> CogVLM
             rotary = model.get_submodule(key.rsplit(".", 1)[0])
             set_tensor(model, key, rotary.textbook_inv_freq(device).to(dtype))
             continue
-        value = torch.randn(meta.shape, generator=generator, device=device, dtype=dtype).mul_(0.02)
-        if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
-            value.fill_(1.0)
+        value = torch.empty(meta.shape, device=device, dtype=dtype)
+        init_parameter_(key, value, generator)
         if quantizer is not None and quantizer.claims(key, dtype):
             quantizer.take(key, value, device)
         else:

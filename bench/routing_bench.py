@@ -44,7 +44,6 @@ import logging
 import os
 import platform
 import re
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -55,6 +54,7 @@ import httpx
 
 from cogvlm_ray.loadgen.client import RequestResult, send_request
 from cogvlm_ray.loadgen.workload import BenchRequest, make_image_data_url
+from cogvlm_ray.serve.ports import free_port
 
 logger = logging.getLogger("routing_bench")
 
@@ -80,12 +80,6 @@ class PolicyResult:
     follow_up_ttft_p90_s: float
     wall_s: float
     routing_decisions: dict[str, float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def with_deployment_options(app: Any, options: dict[str, dict[str, Any]]) -> Any:

@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +22,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.integration.conftest import API_KEY, free_port, integration_app_args  # noqa: E402
+from cogvlm_ray.serve.ports import free_port
+from tests.integration.conftest import API_KEY, integration_app_args  # the test suite's app (PYTHONPATH=.)
 
 
 def png_data_url(color: tuple[int, int, int], size: tuple[int, int] = (1344, 1008)) -> str:

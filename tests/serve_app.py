@@ -9,22 +9,17 @@ playground on (the browser test drives it).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogvlm_ray.serve.ports import free_port
+
 API_KEY = "test-key"
 APP_NAME = "cogvlm"
 MAX_NUM_SEQS = 4
 MAX_QUEUED_REQUESTS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ package is missing. Screenshots go to `artifacts/` (gitignored) so CI can keep t
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
+
+from cogvlm_ray.serve.ports import free_port
 
 CHROMIUM_PATH = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -69,12 +70,6 @@ def page(browser):
 def artifact_dir() -> Path:
     ARTIFACT_DIR.mkdir(exist_ok=True)
     return ARTIFACT_DIR
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
