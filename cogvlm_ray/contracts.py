@@ -15,6 +15,7 @@ plus `FinishReason`, the token-type constants shared by the prompt builder and t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,10 +53,19 @@ class PreparedPrompt:
 FinishReason = Literal["stop", "length", "abort"]
 
 
+#: OpenAI's bounds: top_logprobs per token, |logit_bias| values, |presence/frequency_penalty|.
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
+MAX_OPENAI_PENALTY = 2.0
+#: What a -inf logprob is reported as (JSON has no infinity).
+OPENAI_MIN_LOGPROB = -9999.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one request. The defaults here are the only ones: the API's `ChatDefaults`
-    and the Serve args (`default_max_tokens`, ...) start from them."""
+    """How to sample one request (all its choices; order of the transforms: docs/engine.md).
+    The defaults here are the only ones: the API's `ChatDefaults` and the Serve args
+    (`default_max_tokens`, ...) start from them."""
 
     max_tokens: int = 1024
     temperature: float = 1.0
@@ -63,22 +73,47 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k."""
+    min_p: float = 0.0
+    """Drop tokens below min_p x the top token's probability (0 disables it)."""
     repetition_penalty: float = 1.0
+    """HF rule, over prompt + generated tokens (1 disables it)."""
+    presence_penalty: float = 0.0
+    """OpenAI rule, over generated tokens: subtracted once from every token generated so far."""
+    frequency_penalty: float = 0.0
+    """OpenAI rule, over generated tokens: subtracted once per occurrence so far."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits; a mapping {id: bias} is accepted and converted.
+    Ids are checked against the vocabulary by the engine (`engine/validation.py`)."""
     seed: int | None = None
+    """Reproducible sampling: the same seed gives the same tokens whatever the batch.
+    With n > 1, choice i uses seed + i (mod 2**64)."""
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     """Extra stop ids on top of the checkpoint's eos ids."""
     min_tokens: int = 0
     ignore_eos: bool = False
     n: int = 1
+    """Choices per request: the prompt is prefilled once, the choices are sampled independently."""
     logprobs: bool = False
+    """Return each generated token's logprob (RequestOutput.new_logprobs)."""
+    top_logprobs: int = 0
+    """With logprobs: also the this many most likely tokens per position (0..20)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logit_bias, Mapping):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
 
-    def validate(self) -> None:
-        """Raise InvalidRequestError for values the engine cannot honour."""
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling needs this request's token counts."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate(self, max_n: int | None = None) -> None:
+        """Raise InvalidRequestError for values the engine cannot honour (`max_n`: the engine's limit)."""
         checks = [
             (self.max_tokens >= 1, "max_tokens", "max_tokens must be >= 1"),
             (
@@ -88,18 +123,88 @@ class SamplingParams:
             ),
             (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "top_k must be >= 0 (0 disables it)"),
+            (math.isfinite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]"),
             (
                 math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
                 "repetition_penalty",
                 "repetition_penalty must be in (0, 10]",
             ),
+            (
+                _in_range(self.presence_penalty, MAX_OPENAI_PENALTY),
+                "presence_penalty",
+                "presence_penalty must be in [-2, 2]",
+            ),
+            (
+                _in_range(self.frequency_penalty, MAX_OPENAI_PENALTY),
+                "frequency_penalty",
+                "frequency_penalty must be in [-2, 2]",
+            ),
+            (
+                all(_is_int(t) and _in_range(b, MAX_LOGIT_BIAS) for t, b in self.logit_bias),
+                "logit_bias",
+                "logit_bias maps integer token ids to biases in [-100, 100]",
+            ),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "min_tokens must be in [0, max_tokens]"),
-            (self.n == 1, "n", "n > 1 is not supported"),
-            (not self.logprobs, "logprobs", "logprobs are not supported yet"),
+            (
+                all(_is_int(t) for t in self.stop_token_ids),
+                "stop_token_ids",
+                "stop_token_ids must be integers",
+            ),
+            (self.n >= 1, "n", "n must be >= 1"),
+            (max_n is None or self.n <= max_n, "n", f"n must be <= {max_n} on this server"),
+            (
+                0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                "top_logprobs",
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]",
+            ),
+            (
+                self.logprobs or self.top_logprobs == 0,
+                "top_logprobs",
+                "top_logprobs requires logprobs to be true",
+            ),
         ]
         for ok, param, message in checks:
             if not ok:
                 raise InvalidRequestError(message, param=param)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _in_range(value: object, bound: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and -bound <= value <= bound
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's logprob, and (in `top_logprobs`) the most likely alternatives.
+
+    Plain data the API turns into OpenAI's `{token, logprob, bytes, top_logprobs}`: `token` is
+    the token's own text (special tokens by name) and `token_bytes` its exact bytes, which for
+    byte-level BPE may be part of a multi-byte character. Logprobs are of the distribution the
+    token was sampled from (docs/engine.md, "Logprobs"); a token that distribution forbids
+    (min_tokens, logit_bias -100 on a tiny vocabulary, a grammar) has -inf.
+    """
+
+    token_id: int
+    logprob: float
+    token: str = ""
+    token_bytes: bytes = b""
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+    def as_openai(self) -> dict[str, object]:
+        """OpenAI's `logprobs.content[]` entry; -inf becomes -9999.0 (as vLLM does), JSON has no inf."""
+        entry: dict[str, object] = {
+            "token": self.token,
+            "logprob": max(self.logprob, OPENAI_MIN_LOGPROB),
+            "bytes": list(self.token_bytes),
+        }
+        entry["top_logprobs"] = [
+            {"token": t.token, "logprob": max(t.logprob, OPENAI_MIN_LOGPROB), "bytes": list(t.token_bytes)}
+            for t in self.top_logprobs
+        ]
+        return entry
 
 
 @dataclass
@@ -123,6 +228,11 @@ class RequestOutput:
     """When this delta was produced (ITL = differences between consecutive deltas)."""
     image_cache_hit: bool | None = None
     """For image requests: whether the vision tower was skipped; None for text-only."""
+    index: int = 0
+    """The choice this delta belongs to (0..n-1); a request with n > 1 interleaves its choices'
+    deltas in one stream, each choice ending with its own finish_reason."""
+    new_logprobs: list[TokenLogprob] | None = None
+    """One entry per new_token_ids entry when the request asked for logprobs, else None."""
 
     @property
     def finished(self) -> bool:
@@ -133,8 +243,16 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
     """One delta carrying both: `first`'s tokens and text followed by `later`'s.
 
     Used to send several engine steps' tokens in one message (serve/streaming.py); the timing
-    marks that describe the request's start come from `first`, the rest from `later`.
+    marks that describe the request's start come from `first`, the rest from `later`. Both must
+    belong to the same choice (`index`).
     """
+    if first.index != later.index:
+        raise ValueError(f"cannot merge deltas of choices {first.index} and {later.index}")
+    logprobs = (
+        None
+        if first.new_logprobs is None and later.new_logprobs is None
+        else (first.new_logprobs or []) + (later.new_logprobs or [])
+    )
     return RequestOutput(
         request_id=later.request_id,
         new_token_ids=first.new_token_ids + later.new_token_ids,
@@ -151,6 +269,8 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
         else later.first_token_time,
         emit_time=later.emit_time,
         image_cache_hit=first.image_cache_hit if first.image_cache_hit is not None else later.image_cache_hit,
+        index=later.index,
+        new_logprobs=logprobs,
     )
 
 

@@ -10,13 +10,15 @@ Data path (each arrow is one dataclass, defined in one place):
                                    (decodes + prefill chunks under a token budget, KV blocks allocated)
     -> tensors                     engine/runner.py: flat ids / positions / expert mask / image rows +
                                    AttentionMetadata -> model.forward_flat -> last-token logits
-    -> sampled ids                 engine/sampler.py -> RunnerOutput (scheduler.py)
+    -> sampled ids (+ logprobs)    engine/sampler.py (batched; ops in sampling_ops.py, device token
+                                   counts in token_counts.py) -> RunnerOutput (scheduler.py)
     -> RequestOutput               contracts.py, made by engine/outputs.py: scheduler.update_from_output + incremental
                                    detokenizer (stop strings) -> per-request asyncio queue
     -> OpenAI chunk                api/ (not here)
 
 Modules: config (EngineConfig), kv_cache (paged blocks + tensors), image_cache (vision-feature
-LRU), validation, engine (async API and the step loop). Stats: engine/stats.py.
+LRU), validation, token_text (logprob token strings / bytes), engine (async API and the step
+loop; a request with n choices is n Requests sharing one stream). Stats: engine/stats.py.
 """
 
 from __future__ import annotations

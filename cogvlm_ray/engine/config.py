@@ -32,6 +32,8 @@ class EngineConfig:
     """Reuse the K/V of full prompt blocks already computed for the same prefix (same image + text)."""
     max_model_len: int | None = None
     """Prompt + output limit per sequence; default: the model's context window (8192)."""
+    max_n: int = 8
+    """Most choices one request may ask for (SamplingParams.n)."""
 
     def validate(self) -> None:
         """Raise ValueError for settings the engine cannot run with."""
@@ -53,6 +55,8 @@ class EngineConfig:
             raise ValueError("max_waiting must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
+        if self.max_n < 1:
+            raise ValueError("max_n must be >= 1")
 
 
 #: KV size used on CPU when neither num_kv_blocks nor max_kv_tokens is given.

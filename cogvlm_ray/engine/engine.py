@@ -1,7 +1,9 @@
 """Engine: the async API over scheduler + runner + output processing (no Ray, no HTTP).
 
 `add_request` validates synchronously and returns an async iterator of `RequestOutput`
-deltas. A background task runs `step()` (schedule -> run -> update) in a loop; the forward
+deltas. A request with `n` choices becomes n engine requests (ids `<id>#<i>`) whose deltas
+share that one iterator, tagged with `index`; choice 0 prefills the prompt and the others
+are admitted once it is cached, so they reuse its blocks (docs/engine.md, "n > 1"). A background task runs `step()` (schedule -> run -> update) in a loop; the forward
 pass runs on one dedicated worker thread, so the event loop keeps streaming tokens and
 accepting requests while the model computes.
 
@@ -26,12 +28,12 @@ from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams, 
 from cogvlm_ray.engine.config import EngineConfig
 from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.kv_cache import BlockManager, allocate_kv_caches, num_kv_blocks_for
-from cogvlm_ray.engine.outputs import OutputProcessor, RequestStream
+from cogvlm_ray.engine.outputs import OutputProcessor
 from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.runner import ModelRunner, input_device
 from cogvlm_ray.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from cogvlm_ray.engine.stats import EngineStats
-from cogvlm_ray.engine.validation import validate_prompt
+from cogvlm_ray.engine.validation import validate_prompt, validate_sampling_params
 from cogvlm_ray.errors import (
     EngineDeadError,
     InvalidRequestError,
@@ -73,7 +75,9 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, self.max_model_len)
         self.image_cache = ImageFeatureCache(config.image_cache_bytes)
-        self.runner = ModelRunner(model, kv_caches, config.block_size, self.image_cache, self.eos_token_ids)
+        self.runner = ModelRunner(
+            model, kv_caches, config.block_size, self.image_cache, self.eos_token_ids, config.max_num_seqs
+        )
         self.outputs = OutputProcessor(tokenizer)
         logger.info(
             "engine ready: %d KV blocks x %d tokens, max_model_len %d, eos ids %s",
@@ -105,16 +109,20 @@ class Engine:
     def add_request(
         self, prepared: PreparedPrompt, sampling_params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """Validate and queue a request; returns its stream of deltas (the last has finish_reason).
+        """Validate and queue a request; returns its stream of deltas.
 
-        Raises synchronously: InvalidRequestError / PromptTooLongError for bad input,
-        OverloadedError when the waiting queue is full, EngineDeadError / ServiceUnavailableError
-        when the engine cannot take work. Closing or cancelling the iterator aborts the request.
+        With n == 1 the last delta has finish_reason. With n > 1 the deltas of the n choices
+        interleave (`RequestOutput.index`), each choice ends with its own finish_reason, and the
+        stream ends when all have. Raises synchronously: InvalidRequestError / PromptTooLongError
+        for bad input, OverloadedError when the waiting queue is full, EngineDeadError /
+        ServiceUnavailableError when the engine cannot take work. Closing or cancelling the
+        iterator aborts the request (all its choices).
         """
         self.check_health()
         if not self._accepting:
             raise ServiceUnavailableError("engine is shutting down")
-        sampling_params.validate()
+        sampling_params.validate(max_n=self.config.max_n)
+        validate_sampling_params(sampling_params, self.model_config.vocab_size)
         validate_prompt(prepared, self.model_config)
         check_context_window(prepared.num_prompt_tokens, sampling_params.max_tokens, self.max_model_len)
         total = prepared.num_prompt_tokens + sampling_params.max_tokens
@@ -122,25 +130,47 @@ class Engine:
             raise PromptTooLongError(
                 f"prompt + max_tokens ({total} tokens) exceeds the KV cache capacity of {self.kv_capacity_tokens}"
             )
-        if request_id in self.scheduler.requests or request_id in self.outputs.streams:
+        n = sampling_params.n
+        choice_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+        if any(self._is_live(i) for i in {request_id, *choice_ids}):
             raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id")
-        if self.scheduler.num_waiting >= self.config.max_waiting:
+        if self.scheduler.num_waiting + n > self.config.max_waiting:
             raise OverloadedError(f"engine queue is full ({self.config.max_waiting} waiting requests)")
-        request = Request(
-            request_id=request_id,
-            prompt_token_ids=list(prepared.input_ids),
-            token_type_ids=list(prepared.token_type_ids),
-            sampling_params=sampling_params,
-            image=prepared.image,
-            image_hash=prepared.image_hash,
-        )
-        stream = self.outputs.add(request)
-        self.scheduler.add_request(request)
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        leader: Request | None = None
+        for index, choice_id in enumerate(choice_ids):
+            request = Request(
+                request_id=choice_id,
+                prompt_token_ids=list(prepared.input_ids),
+                token_type_ids=list(prepared.token_type_ids),
+                sampling_params=choice_params(sampling_params, index),
+                image=prepared.image,
+                image_hash=prepared.image_hash,
+                group_id=request_id if n > 1 else None,
+                choice_index=index,
+                prefill_leader=leader,
+            )
+            if self.config.enable_prefix_caching and leader is None:
+                leader = request
+            self.outputs.add(request, queue)
+            self.scheduler.add_request(request)
         self._wake()
-        return self._iterate(stream)
+        return self._iterate(queue, request_id, n)
+
+    def _is_live(self, request_id: str) -> bool:
+        """Whether an unfinished request (or n > 1 group) already uses this id."""
+        return (
+            request_id in self.scheduler.requests
+            or request_id in self.outputs.streams
+            or bool(self._choice_ids(request_id))
+        )
+
+    def _choice_ids(self, request_id: str) -> list[str]:
+        """The engine ids of the caller's request: itself, or its n choices."""
+        return [rid for rid, r in self.scheduler.requests.items() if r.output_request_id == request_id]
 
     def abort(self, request_id: str) -> None:
-        """Abort a request; its slot and KV are freed before the next step runs."""
+        """Abort a request (all its choices); its slots and KV are freed before the next step runs."""
         self._pending_aborts.append(request_id)
         self._wake()
 
@@ -192,7 +222,8 @@ class Engine:
         self._record_image_cache_hits(runner_output)
         for update in self.scheduler.update_from_output(scheduler_output, runner_output):
             request = update.request
-            if self.outputs.process(request, update.new_token_ids, update.finished):
+            logprob = runner_output.logprobs.get(request.request_id)
+            if self.outputs.process(request, update.new_token_ids, update.finished, logprob):
                 if request.is_finished:
                     request.finish_reason = "stop"  # a stop string on the last allowed token
                 else:
@@ -238,28 +269,36 @@ class Engine:
 
     def _apply_aborts(self) -> None:
         while self._pending_aborts:
-            request_id = self._pending_aborts.pop()
-            request = self.scheduler.finish_request(request_id, "abort")
-            if request is not None:
-                self.runner.release(request_id)
-                self.outputs.finish(request, "abort")
+            for request_id in self._choice_ids(self._pending_aborts.pop()):
+                request = self.scheduler.finish_request(request_id, "abort")
+                if request is not None:
+                    self.runner.release(request_id)
+                    self.outputs.finish(request, "abort")
 
     def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def _iterate(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
+    async def _iterate(
+        self, queue: asyncio.Queue[RequestOutput | BaseException], request_id: str, num_choices: int
+    ) -> AsyncIterator[RequestOutput]:
         await self.start()
-        finished = False
+        num_finished = 0
         try:
-            while True:
-                item = await stream.queue.get()
+            while num_finished < num_choices:
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                num_finished += item.finished
                 yield item
-                if finished:
-                    return
         finally:
-            if not finished:
-                self.abort(stream.request.request_id)
+            if num_finished < num_choices:
+                self.abort(request_id)
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """One choice's parameters: n = 1, and choice i of a seeded request uses seed + i."""
+    if params.n == 1:
+        return params
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)

@@ -1,8 +1,9 @@
 """Output processing: scheduler updates -> detokenized `RequestOutput` deltas on per-request queues.
 
 Runs on the event-loop thread between steps. Owns each request's `IncrementalDetokenizer` and
-asyncio queue; it detects stop strings (text-level stops) and tells the caller which requests
-must be finished with "stop". It does not touch the KV cache or the scheduler.
+asyncio queue (the n choices of one request share a queue; deltas carry the choice index); it
+detects stop strings (text-level stops), tells the caller which requests must be finished with
+"stop", and fills the token text of logprobs. It does not touch the KV cache or the scheduler.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cogvlm_ray.contracts import FinishReason, RequestOutput
+from cogvlm_ray.contracts import FinishReason, RequestOutput, TokenLogprob
 from cogvlm_ray.engine.detokenizer import IncrementalDetokenizer
 from cogvlm_ray.engine.request import Request
+from cogvlm_ray.engine.token_text import TokenText
 
 
 @dataclass
@@ -28,10 +30,14 @@ class RequestStream:
 
 
 def make_output(
-    request: Request, new_token_ids: list[int], text: str, reason: FinishReason | None
+    request: Request,
+    new_token_ids: list[int],
+    text: str,
+    reason: FinishReason | None,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> RequestOutput:
     return RequestOutput(
-        request_id=request.request_id,
+        request_id=request.output_request_id,
         new_token_ids=new_token_ids,
         new_text=text,
         finish_reason=reason,
@@ -42,6 +48,8 @@ def make_output(
         first_token_time=request.first_token_time,
         emit_time=time.monotonic(),
         image_cache_hit=request.image_cache_hit,
+        index=request.choice_index,
+        new_logprobs=logprobs,
     )
 
 
@@ -49,13 +57,28 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.streams: dict[str, RequestStream] = {}
+        self.token_text = TokenText(tokenizer)
 
-    def add(self, request: Request) -> RequestStream:
-        stream = RequestStream(request, IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop))
+    def add(
+        self, request: Request, queue: asyncio.Queue[RequestOutput | BaseException] | None = None
+    ) -> RequestStream:
+        """Track a request; `queue` is shared by the choices of one n > 1 request."""
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop)
+        stream = (
+            RequestStream(request, detokenizer)
+            if queue is None
+            else RequestStream(request, detokenizer, queue)
+        )
         self.streams[request.request_id] = stream
         return stream
 
-    def process(self, request: Request, new_token_ids: list[int], finished: bool) -> bool:
+    def process(
+        self,
+        request: Request,
+        new_token_ids: list[int],
+        finished: bool,
+        logprob: TokenLogprob | None = None,
+    ) -> bool:
         """Emit one delta; returns True when a stop string ended the request (caller finishes it)."""
         stream = self.streams.get(request.request_id)
         if stream is None:
@@ -72,7 +95,10 @@ class OutputProcessor:
         reason: FinishReason | None = (
             "stop" if hit_stop_string else request.finish_reason if finished else None
         )
-        self._put(stream, make_output(request, new_token_ids, text, reason))
+        logprobs = None
+        if request.sampling_params.logprobs:
+            logprobs = [self.token_text.fill(logprob)] if logprob is not None else []
+        self._put(stream, make_output(request, new_token_ids, text, reason, logprobs))
         return hit_stop_string
 
     def finish(self, request: Request, reason: FinishReason) -> None:
@@ -84,7 +110,9 @@ class OutputProcessor:
     def fail_all(self, exc: BaseException) -> None:
         """Wake every consumer with `exc` (the engine loop died)."""
         for stream in list(self.streams.values()):
-            stream.queue.put_nowait(exc)
+            stream.queue.put_nowait(
+                exc
+            )  # a shared queue gets it once per choice; the first wakes the consumer
         self.streams.clear()
 
     def _put(self, stream: RequestStream, output: RequestOutput) -> None:

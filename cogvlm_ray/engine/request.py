@@ -1,6 +1,7 @@
 """Request: the engine's mutable per-request state (one generated sequence).
 
-Built by the engine from a PreparedPrompt + SamplingParams; read by the scheduler (counts
+Built by the engine from a PreparedPrompt + SamplingParams (a request with n choices becomes
+n Requests, tagged with the caller's id and their index); read by the scheduler (counts
 only), the runner (token ids, image) and the output processor. It holds no tensors: positions,
 masks and image features are the runner's business.
 
@@ -51,10 +52,21 @@ class Request:
     """Prompt tokens whose K/V came from the prefix cache at the last admission."""
     block_hashes: list[bytes] | None = None
     """Prefix-cache keys of the prompt's full blocks (computed by the scheduler on first admission)."""
+    group_id: str | None = None
+    """For a choice of an n > 1 request: the caller's request id (outputs carry it)."""
+    choice_index: int = 0
+    prefill_leader: Request | None = None
+    """Choices 1..n-1 wait for choice 0 to compute the prompt, then reuse its cached blocks;
+    cleared at admission."""
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def output_request_id(self) -> str:
+        """The id the caller knows: its own request id, shared by all choices of an n > 1 request."""
+        return self.group_id or self.request_id
 
     @property
     def num_output_tokens(self) -> int:

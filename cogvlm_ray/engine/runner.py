@@ -26,7 +26,7 @@ import torch
 from cogvlm_ray.contracts import VISION_TOKEN_TYPE
 from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.request import Request
-from cogvlm_ray.engine.sampler import SamplingRow, make_generator, sample
+from cogvlm_ray.engine.sampler import Sampler, SamplingRow
 from cogvlm_ray.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from cogvlm_ray.model.attention import AttentionMetadata
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
@@ -48,7 +48,6 @@ class _PromptState:
     """[P]; positions that receive image rows."""
     image_rows_before: list[int]
     """[P + 1]; image rows used by prompt tokens [0, i) (where a chunk's rows start)."""
-    generator: torch.Generator | None = None
     image_features: torch.Tensor | None = None
     """[num_image_tokens, H] while the prompt is being prefilled."""
 
@@ -92,6 +91,7 @@ class ModelRunner:
         block_size: int,
         image_cache: ImageFeatureCache,
         eos_token_ids: tuple[int, ...],
+        max_num_seqs: int = 32,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -100,10 +100,12 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = input_device(model)
         self._states: dict[str, _PromptState] = {}
+        self.sampler = Sampler(model.model_config.vocab_size, max_num_seqs)
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's state."""
+        """Forget a finished request's state (layout, generator, token counts)."""
         self._states.pop(request_id, None)
+        self.sampler.release(request_id)
 
     def _state(self, request: Request) -> _PromptState:
         state = self._states.get(request.request_id)
@@ -143,11 +145,12 @@ class ModelRunner:
             return RunnerOutput(image_cache_hits=image_cache_hits)
         last_rows = inputs.last_token_rows[[b for b, _ in sampling]].to(hidden.device)
         logits = self.model.compute_logits(hidden.index_select(0, last_rows))  # [B_sampled, V] float32
-        rows = [self._sampling_row(item.request, logits.device) for _, item in sampling]
-        token_ids = sample(logits, rows)
+        sampled = self.sampler.sample(logits, [self._sampling_row(item.request) for _, item in sampling])
+        request_ids = [item.request.request_id for _, item in sampling]
         return RunnerOutput(
-            {item.request.request_id: t for (_, item), t in zip(sampling, token_ids, strict=True)},
+            dict(zip(request_ids, sampled.token_ids, strict=True)),
             image_cache_hits,
+            {rid: lp for rid, lp in zip(request_ids, sampled.logprobs, strict=True) if lp is not None},
         )
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
@@ -199,16 +202,12 @@ class ModelRunner:
             last_token_rows=torch.tensor(query_lens).cumsum(0) - 1,
         )
 
-    def _sampling_row(self, request: Request, device: torch.device) -> SamplingRow:
+    def _sampling_row(self, request: Request) -> SamplingRow:
         params = request.sampling_params
-        state = self._state(request)
-        if not params.is_greedy and state.generator is None:
-            state.generator = make_generator(params.seed, device)
-        history = (
-            request.prompt_token_ids + request.output_token_ids if params.repetition_penalty != 1.0 else []
-        )
         suppress = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(params, state.generator, history, request.num_output_tokens, suppress)
+        return SamplingRow(
+            request.request_id, params, request.prompt_token_ids, request.output_token_ids, suppress
+        )
 
     def _load_image_features(self, scheduled: list[ScheduledRequest]) -> dict[str, bool]:
         """Give every request whose chunk touches its image the features: cache hit or one batched tower call.

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from cogvlm_ray.contracts import FinishReason
+from cogvlm_ray.contracts import FinishReason, TokenLogprob
 from cogvlm_ray.engine.config import EngineConfig
 from cogvlm_ray.engine.kv_cache import BlockManager, prompt_block_hashes
 from cogvlm_ray.engine.request import Request, RequestStatus
@@ -89,6 +89,8 @@ class RunnerOutput:
     image_cache_hits: dict[str, bool] = field(default_factory=dict)
     """For image requests whose image span this step touched: whether the vision tower was
     skipped (feature cache, prefix cache, or a twin in the same step)."""
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    """For the sampled requests that asked for logprobs (token text not filled in)."""
 
 
 @dataclass
@@ -186,6 +188,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
+            if _waits_for_leader(request):
+                break  # a choice of an n > 1 request: admitted once the first choice's prompt is cached
             num_new = request.num_tokens - request.num_computed_tokens
             if num_new > budget and not chunked and not out.is_empty:
                 break
@@ -197,6 +201,7 @@ class Scheduler:
                 self.num_waiting_for_kv = len(self.waiting)
                 break
             self.waiting.popleft()
+            request.prefill_leader = None
             bm.allocate(request.request_id, request.num_tokens, prefix)
             request.num_computed_tokens = request.num_cached_prompt_tokens = len(prefix) * bm.block_size
             self.num_cached_prompt_tokens += request.num_cached_prompt_tokens
@@ -281,3 +286,16 @@ class Scheduler:
         if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+
+def _waits_for_leader(request: Request) -> bool:
+    """True while the request's prefill leader (choice 0 of the same n > 1 request) has not
+    computed its prompt: admitted then, the request adopts those blocks from the prefix cache.
+    Only never-admitted choices have a leader, and they never move ahead of it in the queue
+    (only preempted, i.e. admitted, requests are put back at the head), so this cannot deadlock."""
+    leader = request.prefill_leader
+    return (
+        leader is not None
+        and not leader.is_finished
+        and leader.num_computed_tokens < leader.num_prompt_tokens
+    )

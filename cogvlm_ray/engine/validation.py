@@ -1,4 +1,4 @@
-"""Checks that a PreparedPrompt is something the model can run (400-type errors otherwise).
+"""Checks that a PreparedPrompt and SamplingParams are something the model can run (400s otherwise).
 
 The preprocessing replica builds prompts correctly; these checks guard the engine against
 other callers (tests, benchmarks, a future client) sending inconsistent ids, types or pixels.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from cogvlm_ray.config import ModelConfig
-from cogvlm_ray.contracts import PreparedPrompt
+from cogvlm_ray.contracts import PreparedPrompt, SamplingParams
 from cogvlm_ray.errors import InvalidRequestError
 
 
@@ -42,3 +42,12 @@ def validate_prompt(prepared: PreparedPrompt, model_config: ModelConfig) -> None
         )
     if not prepared.image_hash:
         raise InvalidRequestError("an image prompt needs its image_hash", param="messages")
+
+
+def validate_sampling_params(params: SamplingParams, vocab_size: int) -> None:
+    """Raise InvalidRequestError for token ids outside the vocabulary (logit_bias, stop_token_ids):
+    they index the logits, so a bad one would fail the whole step, not just this request."""
+    if any(not 0 <= int(t) < vocab_size for t, _ in params.logit_bias):
+        raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab_size})", param="logit_bias")
+    if any(not 0 <= int(t) < vocab_size for t in params.stop_token_ids):
+        raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab_size})", param="stop_token_ids")

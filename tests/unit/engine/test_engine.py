@@ -399,7 +399,7 @@ def test_bad_requests_raise_before_the_first_await(model, tokenizer, cases):
     engine = make_engine(model, tokenizer, max_waiting=1, max_model_len=80)
     prompt = cases["text_only_chat"][0]
     with pytest.raises(InvalidRequestError):
-        engine.add_request(prompt, SamplingParams(n=2), "a")
+        engine.add_request(prompt, SamplingParams(n=9), "a")  # max_n is 8
     with pytest.raises(PromptTooLongError):
         engine.add_request(cases["chat_history_image"][0], SamplingParams(max_tokens=20), "b")
     with pytest.raises(InvalidRequestError):
