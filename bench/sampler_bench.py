@@ -1,7 +1,7 @@
 """Sampler benchmark: the batched sampler vs the old row-by-row one, on the same logits (CPU).
 
-    python bench/sampler_bench.py [--batch 32] [--vocab 128256] [--steps 20] [--prompt-len 2330]
-                                  [--threads 2] [--json out.json]
+    PYTHONPATH=. python bench/sampler_bench.py [--batch 32] [--vocab 128256] [--steps 20] [--prompt-len 2330]
+                                               [--threads 2] [--json out.json]
 
 A decode step's sampling alone, at batch 32 with the real vocabulary (128,256) on CPU, over
 `--steps` consecutive steps (outputs grow, so the penalties see a changing history). The batch
@@ -30,7 +30,6 @@ import json
 import logging
 import platform
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,11 +37,9 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cogvlm_ray.contracts import SamplingParams  # noqa: E402
-from cogvlm_ray.engine.sampler import Sampler, SamplingRow, make_generator  # noqa: E402
-from tests.unit.engine import sampler_reference as ref  # noqa: E402
+from cogvlm_ray.contracts import SamplingParams
+from cogvlm_ray.engine.sampler import Sampler, SamplingRow, make_generator
+from tests.unit.engine import sampler_reference as ref
 
 logger = logging.getLogger("sampler_bench")
 

@@ -185,4 +185,8 @@ def test_scheduler_and_runner_outputs_are_plain_data():
 
     assert dataclasses.fields(ScheduledRequest) and ScheduledRequest.__dataclass_params__.frozen
     assert RunnerOutput.__dataclass_params__.frozen
-    assert {f.name for f in dataclasses.fields(RunnerOutput)} == {"sampled_token_ids", "image_cache_hits"}
+    assert {f.name for f in dataclasses.fields(RunnerOutput)} == {
+        "sampled_token_ids",
+        "image_cache_hits",
+        "logprobs",
+    }
