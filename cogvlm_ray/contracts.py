@@ -82,7 +82,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     """OpenAI rule, over generated tokens: subtracted once per occurrence so far."""
     logit_bias: tuple[tuple[int, float], ...] = ()
-    """(token id, bias) pairs added to the logits; a mapping {id: bias} is accepted and converted.
+    """(token id, bias) pairs added to the logits; a mapping {id: bias} is accepted and converted
+    (string keys such as OpenAI's {"50256": -100} become ints).
     Ids are checked against the vocabulary by the engine (`engine/validation.py`)."""
     seed: int | None = None
     """Reproducible sampling: the same seed gives the same tokens whatever the batch.
@@ -100,8 +101,9 @@ class SamplingParams:
     """With logprobs: also the this many most likely tokens per position (0..20)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.logit_bias, Mapping):
-            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        if isinstance(self.logit_bias, Mapping):  # OpenAI's JSON form: {"token id": bias}
+            pairs = tuple((_token_id_key(t), b) for t, b in self.logit_bias.items())
+            object.__setattr__(self, "logit_bias", pairs)
 
     @property
     def is_greedy(self) -> bool:
@@ -166,6 +168,13 @@ class SamplingParams:
         for ok, param, message in checks:
             if not ok:
                 raise InvalidRequestError(message, param=param)
+
+
+def _token_id_key(key: object) -> object:
+    """A JSON object key "123" as the id 123; anything else is left for `validate` to refuse."""
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return key
 
 
 def _is_int(value: object) -> bool:

@@ -196,6 +196,12 @@ def test_bad_sampling_params_raise_before_the_first_await(model, tokenizer, case
     for i, params in enumerate(bad):
         with pytest.raises(InvalidRequestError):
             engine.add_request(prompt, SamplingParams(**params), f"bad{i}")
+    with pytest.raises(InvalidRequestError):
+        engine.add_request(prompt, SamplingParams(logit_bias={"one": 1.0}), "bad-key")
+    assert SamplingParams(logit_bias={"5": -100, 7: 2.5}).logit_bias == (
+        (5, -100),
+        (7, 2.5),
+    )  # OpenAI's JSON keys
     engine.add_request(prompt, SamplingParams(max_tokens=4, n=3), "three")
     with pytest.raises(InvalidRequestError):
         engine.add_request(prompt, SamplingParams(max_tokens=4), "three")  # the group's id is taken
