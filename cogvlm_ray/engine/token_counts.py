@@ -60,11 +60,16 @@ class TokenCounts:
             self._free.append(slot)
 
     def _fill(self, slot: int, prompt_token_ids: list[int], output_token_ids: list[int]) -> None:
-        prompt = torch.tensor(prompt_token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        output = torch.tensor(output_token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        prompt, output = (self._to_device(ids) for ids in (prompt_token_ids, output_token_ids))
         self.prompt_mask[slot].zero_().index_fill_(0, prompt, True)
         counts = self.output_counts[slot].zero_()
         counts.index_put_((output,), torch.ones_like(output, dtype=torch.int32), accumulate=True)
+
+    def _to_device(self, ids: list[int]) -> torch.Tensor:
+        host = torch.tensor(ids, dtype=torch.long)
+        if self.device.type == "cuda":  # pinned: an asynchronous copy, no wait for running kernels
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def _grow(self) -> None:
         old = self.num_slots
