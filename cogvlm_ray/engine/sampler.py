@@ -4,8 +4,8 @@ Per step the runner hands over one `SamplingRow` per sequence; `SamplingBatch.bu
 them into device tensors (two host-to-device copies), and every transform is one op over the
 rows that need it (`engine/sampling_ops.py`):
 
-    penalties (repetition: HF rule over prompt + output; presence / frequency: OpenAI rule over
-    the output, from per-request token counts kept on the device)
+    penalties (repetition: HF rule over prompt + output ids; presence / frequency: OpenAI rule
+    over output counts; both kept per request on the device, `token_counts.py`)
     -> logit_bias (one scatter) -> min_tokens suppression of stop ids (one fill)
     -> structured-output bitmask (one op; `token_bitmask`, nobody sets it yet)
     -> [logprobs are taken here, at the row's temperature]
@@ -122,6 +122,10 @@ class SamplingBatch:
     """int64 [P]: rows with a repetition / presence / frequency penalty."""
     penalty_slots: torch.Tensor
     """int64 [P]: their rows in `TokenCounts`."""
+    penalty_positions: torch.Tensor
+    """int64 [P]: how many ids each has seen (where its sampled id goes)."""
+    max_num_seen: int
+    """The longest of those (host)."""
     repetition_penalty: torch.Tensor | None
     """float32 [P]; None when no row uses this kind (and likewise the next two)."""
     frequency_penalty: torch.Tensor | None
@@ -151,10 +155,10 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
         generators: dict[int, torch.Generator],
-        penalty_slots: list[int],
+        penalty_slots: list[tuple[int, int]],
     ) -> SamplingBatch:
-        """`generators`: row -> generator for seeded sampled rows; `penalty_slots`: the count-row
-        slot of each row with penalties, in row order."""
+        """`generators`: row -> generator for seeded sampled rows; `penalty_slots`: the
+        `TokenCounts` (slot, number of ids seen) of each row with penalties, in row order."""
         unseeded = [i for i, r in enumerate(rows) if not r.params.is_greedy and i not in generators]
         sampled = unseeded + sorted(generators)
         penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
@@ -170,7 +174,8 @@ class SamplingBatch:
         packer.add("top_p", [p.top_p for p in sampled_params], True)
         packer.add("min_p", [p.min_p for p in sampled_params], True)
         packer.add("penalty_rows", penalised)
-        packer.add("penalty_slots", penalty_slots)
+        packer.add("penalty_slots", [slot for slot, _ in penalty_slots])
+        packer.add("penalty_positions", [num_seen for _, num_seen in penalty_slots])
         used_penalties = set()  # kinds some row uses; the others are skipped
         for name, neutral in (
             ("repetition_penalty", 1.0),
@@ -203,6 +208,8 @@ class SamplingBatch:
             generators=[(position[row], g) for row, g in generators.items()],
             penalty_rows=t["penalty_rows"],
             penalty_slots=t["penalty_slots"],
+            penalty_positions=t["penalty_positions"],
+            max_num_seen=max((num_seen for _, num_seen in penalty_slots), default=0),
             repetition_penalty=t["repetition_penalty"] if "repetition_penalty" in used_penalties else None,
             frequency_penalty=t["frequency_penalty"] if "frequency_penalty" in used_penalties else None,
             presence_penalty=t["presence_penalty"] if "presence_penalty" in used_penalties else None,
@@ -250,6 +257,7 @@ class Sampler:
             self._counts.add_sampled(
                 [r.request_id for r in rows if r.params.has_penalties],
                 batch.penalty_slots,
+                batch.penalty_positions,
                 token_ids[batch.penalty_rows],
             )
         return self._to_host(token_ids, logprobs, batch)
@@ -260,7 +268,7 @@ class Sampler:
             for i, r in enumerate(rows)
             if not r.params.is_greedy and r.params.seed is not None
         }
-        slots: list[int] = []
+        slots: list[tuple[int, int]] = []
         if any(r.params.has_penalties for r in rows):
             if self._counts is None:
                 self._counts = TokenCounts(self.vocab_size, device, self._max_num_seqs)
@@ -308,9 +316,9 @@ class Sampler:
         if batch.penalty_rows.numel():
             assert self._counts is not None
             rows = batch.penalty_rows
-            prompt_mask, counts = self._counts.rows(batch.penalty_slots)
+            seen_ids, counts = self._counts.rows(batch.penalty_slots, batch.max_num_seen)
             logits[rows] = apply_penalties(
-                logits[rows], prompt_mask, counts,
+                logits[rows], seen_ids, counts,
                 batch.repetition_penalty, batch.frequency_penalty, batch.presence_penalty,
             )  # fmt: skip
         if batch.bias_index is not None and batch.bias_values is not None:

@@ -16,7 +16,7 @@ NEG_INF = float("-inf")
 
 def apply_penalties(
     logits: torch.Tensor,
-    prompt_mask: torch.Tensor,
+    seen_ids: torch.Tensor,
     output_counts: torch.Tensor,
     repetition_penalty: torch.Tensor | None,
     frequency_penalty: torch.Tensor | None,
@@ -24,21 +24,21 @@ def apply_penalties(
 ) -> torch.Tensor:
     """Repetition (HF) then frequency / presence (OpenAI) penalties on [N, V] logits.
 
-    prompt_mask: bool [N, V], tokens of the prompt; output_counts: int [N, V], how often each
-    token was generated so far; penalties float [N], None when no row uses that kind.
-    Repetition penalty (HF rule) applies to every token seen in the prompt or the output:
-    positive logits are divided by it, negative ones multiplied. OpenAI's penalties apply to
-    generated tokens only: `logit - frequency * count - presence * (count > 0)`.
+    seen_ids: int64 [N, L], every prompt and output id of the row (repeats allowed);
+    output_counts: int [N, V], how often each token was generated so far; penalties float [N],
+    None when no row uses that kind. Repetition penalty (HF rule) applies to every token seen
+    in the prompt or the output: positive logits are divided by it, negative ones multiplied
+    (gathered and scattered at `seen_ids`: a repeated id writes the same value twice).
+    OpenAI's penalties apply to generated tokens only: `logit - frequency * count - presence * (count > 0)`.
     """
-    generated = output_counts > 0
     if repetition_penalty is not None:
         rp = repetition_penalty[:, None]
-        penalised = torch.where(logits > 0, logits / rp, logits * rp)
-        logits = torch.where(prompt_mask | generated, penalised, logits)
+        seen = logits.gather(-1, seen_ids)
+        logits = logits.scatter(-1, seen_ids, torch.where(seen > 0, seen / rp, seen * rp))
     if frequency_penalty is not None:
         logits = logits - frequency_penalty[:, None] * output_counts.to(logits.dtype)
     if presence_penalty is not None:
-        logits = logits - presence_penalty[:, None] * generated.to(logits.dtype)
+        logits = logits - presence_penalty[:, None] * (output_counts > 0).to(logits.dtype)
     return logits
 
 

@@ -47,7 +47,10 @@ def test_batched_equals_the_row_by_row_reference_over_many_steps():
     """Greedy, seeded temperature / top-k / top-p, repetition penalty, min_tokens: the same ids
     as the old sampler, step after step (the device counts follow the sampled ids)."""
     sampler = Sampler(V)
-    rows = [row(f"r{i}", **params, suppress=sup) for i, (params, sup) in enumerate(MIXED)]
+    rows = [  # prompts of different lengths: the penalties' id rows are padded
+        row(f"r{i}", prompt=[(7 * j + i) % V for j in range(2 + 3 * i)], **params, suppress=sup)
+        for i, (params, sup) in enumerate(MIXED)
+    ]
     ref_rows = [
         ref.ReferenceRow(
             r.params, None if r.params.is_greedy else make_generator(r.params.seed, "cpu"), [], 0, sup
@@ -148,6 +151,7 @@ def test_device_counts_follow_the_sampled_ids_and_resync_when_the_host_disagrees
         TokenCounts, "_fill", lambda self, slot, *a: (fills.append(slot), original_fill(self, slot, *a))
     )
     sampler = Sampler(V, max_num_seqs=1)  # the table must grow for the second request
+    sampler._counts = TokenCounts(V, torch.device("cpu"), num_slots=1, capacity=8)  # and its rows
     a, b = row("a", temperature=0.0, frequency_penalty=1.0), row("b", temperature=0.0, presence_penalty=1.0)
     for step in range(6):
         x = logits(2, seed=20 + step)
