@@ -164,21 +164,29 @@ class RayChatBackend:
     async def _refresh_status(self) -> str | None:
         _, problem, num_model_replicas = self._status
         try:
-            problem, num_model_replicas = await asyncio.to_thread(self._query_status)
+            answer = await asyncio.to_thread(self._query_status)
+            if answer is not None:
+                problem, num_model_replicas = answer
         except Exception:
             logger.warning("serve.status() failed; assuming the app is ready", exc_info=True)
             problem = None
         self._status = (time.monotonic(), problem, num_model_replicas)
         return problem
 
-    def _query_status(self) -> tuple[str | None, int]:
-        """(why not ready or None, RUNNING replicas of the first deployment = the model)."""
+    def _query_status(self) -> tuple[str | None, int] | None:
+        """(why not ready or None, RUNNING replicas of the first deployment = the model), or
+        None when Serve lists no deployments for the app: while `serve deploy` of changed args
+        builds the new version (seconds), the status is DEPLOYING with an empty deployment
+        list although the old replicas still serve, so the last answer stands (a 503 then
+        would fail requests during every rolling update; tests/cluster found it)."""
         from ray import serve
 
         applications = serve.status().applications
         app = applications.get(self.app_name) if self.app_name else next(iter(applications.values()), None)
         if app is None:
             return "the application is not deployed", 0
+        if not app.deployments:
+            return None
         running_counts = []
         for name in self.deployment_names:
             deployment = app.deployments.get(name)

@@ -124,3 +124,27 @@ def test_readiness_reads_serve_status_and_explains_missing_replicas(monkeypatch)
     backend._status = (0.0, None, 0)  # expire the cache
     asyncio.run(backend.check_ready())
     assert backend.capacity() == 3 * 2 + 1
+
+
+def test_readiness_keeps_its_last_answer_while_serve_builds_a_new_version(monkeypatch):
+    """During `serve deploy` of changed args, serve.status() lists the app as DEPLOYING with no
+    deployments for a few seconds while the old replicas still serve: no 503 then."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    running = SimpleNamespace(replica_states={"RUNNING": 2}, status="HEALTHY", message="")
+    app = SimpleNamespace(status="RUNNING", deployments={"ModelServer": running, "Preprocessor": running})
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"app": app}))
+    backend = RayChatBackend(_Handle(), _Handle(), app_name="app", deployment_names=("ModelServer", "Preprocessor"),
+                             max_num_seqs=2, max_queued_requests=1)  # fmt: skip
+    asyncio.run(backend.check_ready())
+    assert backend.capacity() == 2 * 2 + 1
+    app.status, app.deployments = "DEPLOYING", {}  # the controller is building the new version
+    backend._status = (0.0, *backend._status[1:])  # expire the cache
+    asyncio.run(backend.check_ready())
+    assert backend.capacity() == 2 * 2 + 1
+    app.deployments = {"Preprocessor": running}  # listed, but no model deployment: really not ready
+    backend._status = (0.0, *backend._status[1:])
+    with pytest.raises(ServiceUnavailableError, match="no ModelServer replica"):
+        asyncio.run(backend.check_ready())
