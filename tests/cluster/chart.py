@@ -17,8 +17,10 @@ def draw(report: dict[str, Any], path: Path) -> None:
     t = [s["t"] for s in samples]
     fig, (ax_rep, ax_queue, ax_lat) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
     for state, style in (("RUNNING", "-"), ("STARTING", "--"), ("STOPPING", ":")):
-        ax_rep.step(t, [s["replicas"].get(state, 0) for s in samples], style, where="post",
-                    label=f"ModelServer {state}")  # fmt: skip
+        # No states at all: Serve does not list the deployment (before the first deploy, and for
+        # a few seconds while `serve deploy` builds a new version): a gap, not zero replicas.
+        counts = [s["replicas"].get(state, 0) if s["replicas"] else float("nan") for s in samples]
+        ax_rep.step(t, counts, style, where="post", label=f"ModelServer {state}")
     ax_rep.step(t, [s["num_gpu_nodes"] for s in samples], "-", where="post", color="black", alpha=0.5,
                 linewidth=3, label="GPU worker nodes")  # fmt: skip
     ax_rep.set_ylabel("count")

@@ -53,8 +53,11 @@ def check_scale(report: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     max_nodes = max(s["num_gpu_nodes"] for s in in_scenario)
     if max_running < max_replicas or max_nodes < max_replicas:
         failures.append(f"peak {max_running} replicas on {max_nodes} GPU nodes, wanted {max_replicas}")
-    last = in_scenario[-1]
-    served = {rid for s in in_scenario for rid, n in s["replica_requests"].items() if n > 0}
+    per_replica: dict[str, float] = {}  # requests each replica received (its counter's peak)
+    for s in in_scenario:
+        for rid, n in s["replica_requests"].items():
+            per_replica[rid] = max(per_replica.get(rid, 0.0), n)
+    served = {rid for rid, n in per_replica.items() if n > 0}
     unserved = set(sc["scaled_replicas"]) - served
     if unserved:
         failures.append(f"replicas that never received a request: {sorted(unserved)}")
@@ -83,7 +86,7 @@ def check_scale(report: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         "outcomes": sc["summary"]["outcomes"],
         "rejected_before_scale_up": len(early),
         "rejected_at_max_replicas": len(late),
-        "requests_per_replica": last["replica_requests"],
+        "requests_per_replica": per_replica,
         "removed_replicas_ongoing_while_stopping": drained,
         "lost": sum(1 for r in results if r["outcome"] not in ("ok", "rejected")),
     }

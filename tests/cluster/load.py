@@ -103,6 +103,7 @@ class StreamingLoad:
         self.results: list[StreamResult] = []
         self.max_tokens = spec.max_tokens
         self._concurrency = 0
+        self._with_images = True
         self._counters = _Counters()
         self._lock = threading.Lock()
         self._stopping = False
@@ -117,9 +118,14 @@ class StreamingLoad:
         self._thread.start()
         return self
 
-    def set_concurrency(self, concurrency: int, *, max_tokens: int | None = None) -> None:
-        """Workers above `concurrency` finish their current request and then idle."""
+    def set_concurrency(
+        self, concurrency: int, *, max_tokens: int | None = None, with_images: bool = True
+    ) -> None:
+        """Workers above `concurrency` finish their current request and then idle.
+        `with_images=False`: text only from now on (Serve's power-of-two choice spreads those
+        over the replicas; image requests go to their image's home replica)."""
         self._concurrency = min(concurrency, self.spec.max_concurrency)
+        self._with_images = with_images
         if max_tokens is not None:
             self.max_tokens = max_tokens
 
@@ -168,7 +174,7 @@ class StreamingLoad:
                 await asyncio.sleep(min(float(result.retry_after or 1), self.spec.max_retry_wait_s))
 
     def _body(self, index: int, max_tokens: int) -> tuple[dict[str, Any], bool]:
-        has_image = index % self.spec.image_every == 0
+        has_image = self._with_images and index % self.spec.image_every == 0
         content: Any = f"Request {index}: say something about the weather."
         if has_image:
             url = self._images[(index // self.spec.image_every) % len(self._images)]

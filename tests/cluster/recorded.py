@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_recorded(profile: str, scenarios: list[str], out_dir: Path, timeout_s: float) -> dict[str, Any]:
     """Run the scenarios in a fresh cluster (subprocess); return the recorded report."""
-    work_dir = out_dir / "work"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / f"run_{profile}.log"
+    work_dir = Path(tempfile.mkdtemp(prefix=f"cogvlm_cluster_{profile}_"))  # checkpoint, metrics, log
+    log_path = work_dir / f"run_{profile}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env["RAY_AUTH_MODE"] = "disabled"
     cmd = [sys.executable, "-m", "tests.cluster.run", "--profile", profile, "--scenarios", ",".join(scenarios),

@@ -68,7 +68,12 @@ def run(profile: scenarios.Profile, names: list[str], out_dir: Path, work_dir: P
     cluster = make_cluster(max_workers=3)
     report: dict[str, Any] = {
         "profile": {"name": profile.name},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "load_average_at_start": os.getloadavg(),
+        },  # fmt: skip
         "scenarios": {},
     }
     timeline = Timeline(APP_NAME, t0)
@@ -104,10 +109,22 @@ def run(profile: scenarios.Profile, names: list[str], out_dir: Path, work_dir: P
         timeline.stop()
         report["timeline"] = timeline.to_json()
         report["wall_s"] = round(time.monotonic() - t0, 1)
+        report["machine"]["load_average_at_end"] = os.getloadavg()  # other jobs share the 2 cores
         write(report, out_dir, profile.name)
         ray.shutdown()
         cluster.shutdown()
     return report
+
+
+def trimmed(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without every request's result (each scenario keeps its summary): what
+    bench/results/cluster/ keeps, a few hundred KB smaller."""
+    out = dict(report)
+    out["scenarios"] = {
+        name: {k: v for k, v in scenario.items() if k != "results"}
+        for name, scenario in report["scenarios"].items()
+    }
+    return out
 
 
 def write(report: dict[str, Any], out_dir: Path, name: str) -> Path:

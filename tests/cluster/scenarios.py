@@ -44,9 +44,9 @@ class Profile:
 
 
 SMOKE = Profile("smoke", max_replicas=2, burst_concurrency=11, burst_max_tokens=24, hold_s=4.0,
-                trickle_concurrency=2, trickle_max_tokens=160, scale_timeout_s=100.0, max_requests=600)  # fmt: skip
+                trickle_concurrency=2, trickle_max_tokens=240, scale_timeout_s=150.0, max_requests=800)  # fmt: skip
 FULL = Profile("full", max_replicas=3, burst_concurrency=14, burst_max_tokens=32, hold_s=15.0,
-               trickle_concurrency=2, trickle_max_tokens=200, scale_timeout_s=150.0, max_requests=3000)  # fmt: skip
+               trickle_concurrency=2, trickle_max_tokens=300, scale_timeout_s=240.0, max_requests=3000)  # fmt: skip
 PROFILES = {p.name: p for p in (SMOKE, FULL)}
 
 
@@ -129,7 +129,10 @@ def scale_up_down(session: Session, profile: Profile) -> dict[str, Any]:
         out["t_all_serving"] = timeline.mark("all_replicas_serving", replicas=sorted(model_replicas()))
         out["scaled_replicas"] = sorted(model_replicas())
         time.sleep(profile.hold_s)
-        load.set_concurrency(profile.trickle_concurrency, max_tokens=profile.trickle_max_tokens)
+        # Long text-only streams, spread over the replicas, so the ones Serve removes have some to drain.
+        load.set_concurrency(
+            profile.trickle_concurrency, max_tokens=profile.trickle_max_tokens, with_images=False
+        )
         out["t_trickle"] = timeline.mark("trickle", concurrency=profile.trickle_concurrency)
 
         stopping: list[dict[str, Any]] = out.setdefault("stopping_observations", [])
@@ -205,7 +208,7 @@ def node_loss(
         def recovered() -> bool:
             return model_replica_states(APP_NAME).get("RUNNING", 0) >= num_running_before
 
-        wait_for(recovered, 120, what="replica replaced")
+        wait_for(recovered, profile.scale_timeout_s, what="replica replaced")
         out["t_recovered"] = timeline.mark("replica_replaced", replicas=sorted(model_replicas()))
         out["replicas_after"] = sorted(model_replicas())
         time.sleep(8.0)  # requests sent after recovery
