@@ -128,7 +128,7 @@ def check_node_loss(report: dict[str, Any], max_num_seqs: int) -> tuple[dict[str
         "detection_s": round(sc["t_replica_dead"] - t_kill, 1),
         "streams_errored": len(errored),
         "max_error_delay_s": round(max((r["end"] - t_kill for r in errored), default=0.0), 2),
-        "streams_in_flight_elsewhere_ok": len(overlapping_ok),
+        "streams_across_kill_ok": len(overlapping_ok),
         "requests_after_recovery_ok": len(after_ok),
         "ongoing_at_kill": sc["ongoing_at_kill"],
         "outcomes": sc["summary"]["outcomes"],
