@@ -60,8 +60,6 @@ def make_cluster(max_workers: int) -> LocalAutoscalingCluster:
 def run(profile: scenarios.Profile, names: list[str], out_dir: Path, work_dir: Path) -> dict[str, Any]:
     import ray
 
-    from cogvlm_ray.serve.model_source import ensure_tiny_checkpoint
-
     # One torch thread per replica: three replicas on two cores must not oversubscribe them.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
@@ -80,7 +78,6 @@ def run(profile: scenarios.Profile, names: list[str], out_dir: Path, work_dir: P
     try:
         cluster.start(_system_config={"metrics_report_interval_ms": 1000})
         ray.init(address=cluster.gcs_address, log_to_driver=False, logging_level="warning")
-        ensure_tiny_checkpoint(work_dir / "models")  # once, not by every replica at once
         spec = ClusterAppSpec(http_port=free_port(), work_dir=work_dir, max_replicas=profile.max_replicas)
         config = serve_config(spec)
         config_path = work_dir / "serve_config.cluster.yaml"

@@ -129,8 +129,8 @@ class Timeline:
             started = time.monotonic()
             try:
                 self.samples.append(self.sample())
-            except Exception:  # a sample can fail while a node dies; the next one will do
-                logger.warning("timeline sample failed", exc_info=True)
+            except Exception as e:  # a sample can fail while a node dies; the next one will do
+                logger.warning("timeline sample failed: %s: %s", type(e).__name__, e)
             self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     def sample(self) -> Sample:
