@@ -77,6 +77,12 @@ def num_cpus(deployment: dict[str, Any]) -> float:
     return float(actor_options(deployment).get("num_cpus", SERVE_DEFAULT_NUM_CPUS))
 
 
+def max_replicas_during_update(deployment: dict[str, Any]) -> int:
+    """max_replicas plus the rolling-update surge (Serve rounds the percentage up to whole replicas)."""
+    surge_percent = int(deployment.get("max_surge_percent", 0))
+    return max_replicas(deployment) + math.ceil(max_replicas(deployment) * surge_percent / 100)
+
+
 def max_replicas(deployment: dict[str, Any]) -> int:
     autoscaling = deployment.get("autoscaling_config")
     if autoscaling:
@@ -224,8 +230,9 @@ def test_worker_groups_cover_serve_autoscaling(serve_config, groups) -> None:
     gpu = gpu_group(groups)
     replicas_per_pod = gpu.num_gpus // int(num_gpus(model))
     assert replicas_per_pod >= 1
-    assert gpu.spec["maxReplicas"] * replicas_per_pod >= max_replicas(model), (
-        "the GPU worker group's maxReplicas cannot host ModelServer's max_replicas"
+    assert gpu.spec["maxReplicas"] * replicas_per_pod >= max_replicas_during_update(model), (
+        "the GPU worker group's maxReplicas cannot host ModelServer's max_replicas plus its rolling-update "
+        "surge (a `serve deploy` at full scale would wait for GPUs forever)"
     )
     assert gpu.spec["minReplicas"] * replicas_per_pod >= min(min_replicas(model), 1), (
         "keep a GPU pod for the first model replica (a cold GPU node + 39 GB load takes minutes)"
@@ -249,7 +256,7 @@ def test_cpu_deployments_fit_the_cpu_workers(serve_config, groups) -> None:
         memory = actor_options(deployment).get("memory")
         if memory:
             assert memory <= max(g.memory_bytes for g in cpu), deployment["name"]
-        demand += num_cpus(deployment) * max_replicas(deployment)
+        demand += num_cpus(deployment) * max_replicas_during_update(deployment)
     assert 0 < demand <= capacity, (
         f"CPU deployments need {demand} CPUs at max scale; CPU workers offer {capacity}"
     )
