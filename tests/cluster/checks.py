@@ -2,7 +2,7 @@
 
 Each `check_*` returns `(figures, failures)`: the measured numbers that go into
 docs/BENCHMARKS.md and a list of human-readable failures (empty when the scenario passed).
-The rules are the issue's: zero 5xx, zero lost or hung requests, every non-200 a documented
+The rules: zero 5xx, zero lost or hung requests, every non-200 a documented
 429/503 with `Retry-After`; after a node loss only the dead replica's streams end, each with
 the clean error event, within `STREAM_ERROR_BOUND_S`.
 """

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ray.cluster_utils import AutoscalingCluster
+
+from cogvlm_ray.serve.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,6 @@ _BASE_CONFIG: dict[str, Any] = {
     "rsync_exclude": [],
     "rsync_filter": [],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ from typing import Any
 
 import yaml
 
+from cogvlm_ray.serve.ports import free_port
 from tests.cluster import scenarios
 from tests.cluster.app_config import APP_NAME, HEAD_RESOURCE, ClusterAppSpec, serve_config
-from tests.cluster.local_cluster import LocalAutoscalingCluster, free_port, wait_for
+from tests.cluster.local_cluster import LocalAutoscalingCluster, wait_for
 from tests.cluster.timeline import Timeline
 
 logger = logging.getLogger(__name__)
