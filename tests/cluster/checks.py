@@ -42,7 +42,7 @@ def _rejected(results: list[Result]) -> list[Result]:
 
 
 def check_scale(report: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    sc = report["scenarios"]["scale"]
+    sc = report["scenarios"].get("scale") or {"error": report.get("error", "not run")}
     if "error" in sc:
         return {}, [f"scale scenario did not finish: {sc['error']}"]
     results, samples = sc["results"], report["timeline"]["samples"]
@@ -101,7 +101,7 @@ def _final_replicas(report: dict[str, Any]) -> list[str]:
 
 
 def check_node_loss(report: dict[str, Any], max_num_seqs: int) -> tuple[dict[str, Any], list[str]]:
-    sc = report["scenarios"]["node_loss"]
+    sc = report["scenarios"].get("node_loss") or {"error": report.get("error", "not run")}
     if "error" in sc:
         return {}, [f"node-loss scenario did not finish: {sc['error']}"]
     results, t_kill, t_recovered = sc["results"], sc["t_kill"], sc["t_recovered"]
@@ -138,7 +138,7 @@ def check_node_loss(report: dict[str, Any], max_num_seqs: int) -> tuple[dict[str
 
 
 def check_rolling_update(report: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    sc = report["scenarios"]["rolling_update"]
+    sc = report["scenarios"].get("rolling_update") or {"error": report.get("error", "not run")}
     if "error" in sc:
         return {}, [f"rolling-update scenario did not finish: {sc['error']}"]
     results = sc["results"]

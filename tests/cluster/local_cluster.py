@@ -91,8 +91,8 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         upscaling_speed: float = 1.0,
         autoscaler_update_interval_s: int = 1,
     ):
-        self._gcs_port = free_port()
-        self.dashboard_port = free_port()
+        self._gcs_port = 0
+        self.dashboard_port = 0
         self._update_interval_s = autoscaler_update_interval_s
         super().__init__(
             head_resources,
@@ -136,6 +136,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         import ray._private.parameter
         import ray._private.services
 
+        self._gcs_port, self.dashboard_port = free_port(), free_port()  # fresh ones on every start
         node_ip = ray._private.services.get_node_ip_address()
         config = self.config
         config["provider"]["gcs_address"] = f"{node_ip}:{self._gcs_port}"

@@ -58,6 +58,20 @@ def make_cluster(max_workers: int) -> LocalAutoscalingCluster:
     )
 
 
+def start_head(cluster: LocalAutoscalingCluster, attempts: int = 2) -> None:
+    """Start the head, once more if Ray's own startup timeout fires (it does when the GCS is
+    starved of CPU on a busy 2-core machine)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            cluster.start(_system_config={"metrics_report_interval_ms": 1000})
+            return
+        except Exception:
+            logger.warning("head start failed (attempt %d of %d)", attempt, attempts, exc_info=True)
+            cluster.shutdown()
+            if attempt == attempts:
+                raise
+
+
 def run(profile: scenarios.Profile, names: list[str], out_dir: Path, work_dir: Path) -> dict[str, Any]:
     import ray
 
@@ -77,7 +91,7 @@ def run(profile: scenarios.Profile, names: list[str], out_dir: Path, work_dir: P
     }
     timeline = Timeline(APP_NAME, t0)
     try:
-        cluster.start(_system_config={"metrics_report_interval_ms": 1000})
+        start_head(cluster)
         ray.init(address=cluster.gcs_address, log_to_driver=False, logging_level="warning")
         spec = ClusterAppSpec(http_port=free_port(), work_dir=work_dir, max_replicas=profile.max_replicas)
         config = serve_config(spec)
@@ -103,6 +117,9 @@ def run(profile: scenarios.Profile, names: list[str], out_dir: Path, work_dir: P
                 break
             finally:
                 report["scenarios"].setdefault(name, {})["wall_s"] = round(time.monotonic() - started, 1)
+    except Exception as e:  # bring-up failed: say so in the report
+        logger.exception("cluster bring-up failed")
+        report["error"] = f"{type(e).__name__}: {e}"
     finally:
         timeline.stop()
         report["timeline"] = timeline.to_json()

@@ -119,7 +119,8 @@ class Timeline:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def latest(self) -> Sample | None:
         return self.samples[-1] if self.samples else None
