@@ -72,7 +72,7 @@ def deploy(config_path: Path, dashboard_url: str) -> float:
     start = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "ray.serve.scripts", "deploy", "-a", dashboard_url, str(config_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=240,  # it starts Serve on first use: slow on a busy box
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"serve deploy failed: {done.stderr[-2000:]}")
