@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.triton_interpreter import preload as _preload_triton
+
+# Before anything imports triton: on CPU its kernels can only run interpreted (see the module).
+_preload_triton()
+
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "cogvlm2-tiny"
 
 # 2-core CI machine: keep torch from oversubscribing while Ray workers also run.

@@ -1,10 +1,16 @@
 """Paged-KV attention over a flat batch of new tokens (prefill chunks and decodes mixed).
 
-Owns `AttentionMetadata` (the per-step description the engine builds), the cache write and two
-attention implementations with the same signature: `reference_paged_attention` (plain torch,
-explicit float32 softmax; the readable definition) and `sdpa_paged_attention` (PyTorch SDPA,
-used by default). It does not own the cache allocation (the engine does) or the projections
-(`language.py`).
+Owns `AttentionMetadata` (the per-step description the engine builds), the contract of a
+backend (`AttentionBackend`: write the new K/V, attend over the paged cache) and the table of
+backends, `ATTENTION_BACKENDS`:
+
+* "reference": `write_kv_cache` + `reference_paged_attention` (plain torch, explicit float32
+  softmax; the readable definition every other backend must equal);
+* "sdpa": PyTorch SDPA over keys gathered from the block tables (the default on CPU);
+* "triton": the kernels of `kernels/` (paged decode, varlen prefill, KV write), which read the
+  cache in place (the default on CUDA).
+
+It does not own the cache allocation (the engine does) or the projections (`language.py`).
 
 Cache layout per layer: `k_cache`, `v_cache` each `[num_blocks, block_size, num_kv_heads, head_dim]`;
 token `j` of a sequence lives at `block_tables[b][j // block_size] * block_size + j % block_size`.
@@ -13,12 +19,15 @@ Keys are stored after rotary.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +48,8 @@ class AttentionMetadata:
     query_lens_cpu: list[int] = field(default_factory=list)
     """Host copies of the per-sequence lengths, so the attention loop never syncs a device."""
     seq_lens_cpu: list[int] = field(default_factory=list)
+    _step_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Tensors derived from this step's metadata once and reused by every layer (key masks)."""
     _per_device: dict[torch.device, AttentionMetadata] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -137,6 +148,21 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 PagedAttentionFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor
 ]
+"""(query `[T, H, D]`, k_cache, v_cache, metadata, scale) -> `[T, H, D]`, as `reference_paged_attention`."""
+WriteKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""(key, value `[T, Hkv, D]`, k_cache, v_cache, slot_mapping `[T]`) -> None, as `write_kv_cache`."""
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """What a decoder layer calls: store this step's K/V, then attend over the paged cache.
+
+    Both run inside `forward_flat`, so neither may sync the host with the device (no `.item()`,
+    `.tolist()`, `nonzero()` or `torch.tensor(list)` on a decode step; see the sync-guard test).
+    """
+
+    write_kv: WriteKVFn
+    attend: PagedAttentionFn
 
 
 def reference_paged_attention(
@@ -179,13 +205,26 @@ def sdpa_paged_attention(
 
     Single-token queries (decodes) are batched into one SDPA call over keys gathered from
     their block tables with a key-length mask; each prefill chunk gets its own call (causal,
-    bottom-right aligned when it follows cached context).
+    bottom-right aligned when it follows cached context). On a decode-only step the rows are
+    the sequences, so no index is built; the key mask is built once per step, not per layer.
     """
-    out = torch.empty_like(query)
     query_lens, seq_lens = meta.host_lens()
+    if meta.max_query_len <= 1 and query.shape[0] == meta.num_seqs:
+        return _decode_attention(query, k_cache, v_cache, meta, scale, max(seq_lens, default=0))
+    out = torch.empty_like(query)
     decode_rows = [b for b, q in enumerate(query_lens) if q == 1]
     if decode_rows:
-        _decode_attention(query, k_cache, v_cache, meta, scale, decode_rows, out)
+        seq_index, token_index = _decode_index(meta, query_lens, decode_rows, query.device)
+        o = _decode_attention(
+            query.index_select(0, token_index),
+            k_cache,
+            v_cache,
+            meta,
+            scale,
+            max(seq_lens[b] for b in decode_rows),
+            seq_index,
+        )
+        out.index_copy_(0, token_index, o)
     offset = 0
     for b, (q_len, s_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
         if q_len > 1:
@@ -194,15 +233,30 @@ def sdpa_paged_attention(
             v = gather_kv(v_cache, meta.block_tables[b], s_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
             context = s_len - q_len
             if context == 0:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+                o = _sdpa("prefill", q, k, v, None, True, scale)
             else:
                 allowed = torch.arange(s_len, device=q.device)[None, :] <= (
                     context + torch.arange(q_len, device=q.device)[:, None]
                 )
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+                o = _sdpa("chunked_prefill", q, k, v, allowed, False, scale)
             out[offset : offset + q_len] = o.squeeze(0).transpose(0, 1)
         offset += q_len
     return out
+
+
+def _decode_index(
+    meta: AttentionMetadata, query_lens: list[int], rows: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence rows, flat token rows) of the decodes of a mixed step: built once per step."""
+    if "decode_seq_index" not in meta._step_cache:
+        starts = [0]
+        for q_len in query_lens:
+            starts.append(starts[-1] + q_len)
+        meta._step_cache["decode_seq_index"] = torch.tensor(rows, dtype=torch.long, device=device)
+        meta._step_cache["decode_token_index"] = torch.tensor(
+            [starts[b] for b in rows], dtype=torch.long, device=device
+        )
+    return meta._step_cache["decode_seq_index"], meta._step_cache["decode_token_index"]
 
 
 def _decode_attention(
@@ -211,36 +265,132 @@ def _decode_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    rows: list[int],
-    out: torch.Tensor,
-) -> None:
-    """One SDPA call for all single-token sequences; writes their rows of `out`."""
-    query_lens, seq_lens = meta.host_lens()
-    flat_index = []
-    offset = 0
-    for q_len in query_lens:
-        if q_len == 1:
-            flat_index.append(offset)
-        offset += q_len
-    max_len = max(seq_lens[b] for b in rows)
+    max_len: int,
+    seq_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One SDPA call for single-token queries `[Bd, H, D]` of the sequences `seq_index` (all if None)."""
     block_size = k_cache.shape[1]
     num_blocks = -(-max_len // block_size)
-    row_index = torch.tensor(rows, dtype=torch.long, device=query.device)
-    tables = meta.block_tables.index_select(0, row_index)[:, :num_blocks]  # [Bd, nb]
+    tables = meta.block_tables if seq_index is None else meta.block_tables.index_select(0, seq_index)
+    tables = tables[:, :num_blocks]  # [Bd, nb]
     # [Bd, nb, bs, Hkv, D] -> [Bd, Hkv, nb*bs, D]
     k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
     v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
-    lens = meta.seq_lens.index_select(0, row_index)
-    key_ok = torch.arange(max_len, device=query.device)[None, :] < lens[:, None]  # [Bd, S]
-    index = torch.tensor(flat_index, dtype=torch.long, device=query.device)
-    q = query.index_select(0, index).unsqueeze(2)  # [Bd, H, 1, D]
-    o = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=key_ok[:, None, None, :], scale=scale, enable_gqa=True
+    mask_key = "decode_key_mask" if seq_index is None else "mixed_decode_key_mask"
+    key_ok = meta._step_cache.get(mask_key)
+    if key_ok is None:
+        lens = meta.seq_lens if seq_index is None else meta.seq_lens.index_select(0, seq_index)
+        key_ok = torch.arange(max_len, device=query.device)[None, :] < lens[:, None]  # [Bd, S]
+        key_ok = meta._step_cache[mask_key] = key_ok[:, None, None, :]
+    o = _sdpa("decode", query.unsqueeze(2), k, v, key_ok, False, scale)  # [Bd, H, 1, D]
+    return o.squeeze(2)
+
+
+_SDPA_REPEAT_KV: dict[tuple[str, str, torch.dtype], bool] = {}
+"""Per (call kind, device type, dtype): whether K/V are repeated to the query heads because the
+GQA call would run SDPA's MATH kernel and the repeated one would not. Decided and logged once."""
+
+
+def _sdpa(
+    kind: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """`scaled_dot_product_attention` with GQA, avoiding the MATH fallback where repeating K/V can."""
+    key = (kind, q.device.type, q.dtype)
+    repeat = _SDPA_REPEAT_KV.get(key)
+    if repeat is None:
+        repeat = _SDPA_REPEAT_KV[key] = _plan_sdpa(kind, q, k, v, mask, is_causal, scale)
+    if repeat:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
     )
-    out.index_copy_(0, index, o.squeeze(2))
 
 
-ATTENTION_BACKENDS: dict[str, PagedAttentionFn] = {
-    "reference": reference_paged_attention,
-    "sdpa": sdpa_paged_attention,
+def _plan_sdpa(
+    kind: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> bool:
+    """Ask SDPA's dispatcher which kernel it picks (for GQA and for repeated K/V); log it once."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        chosen = SDPBackend(
+            torch._fused_sdp_choice(q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=True)
+        )
+        repeated = SDPBackend.MATH
+        if chosen == SDPBackend.MATH and k.shape[1] != q.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            kr = k.repeat_interleave(group, dim=1)
+            repeated = SDPBackend(torch._fused_sdp_choice(q, kr, kr, mask, 0.0, is_causal, scale=scale))
+    except Exception as exc:  # a private API: never let it break attention
+        logger.info("SDPA %s on %s/%s: backend not introspectable (%r)", kind, q.device.type, q.dtype, exc)
+        return False
+    repeat = chosen == SDPBackend.MATH and repeated != SDPBackend.MATH
+    logger.info(
+        "SDPA %s on %s/%s: %s%s",
+        kind,
+        q.device.type,
+        q.dtype,
+        chosen.name,
+        f" for GQA, so K/V are repeated to the query heads to run {repeated.name}" if repeat else "",
+    )
+    return repeat
+
+
+def triton_paged_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Same contract as `reference_paged_attention`, with the Triton kernels of `kernels/`.
+
+    A decode-only step (every query length 1, one row per sequence) runs the decode kernel;
+    any other step one varlen launch of the prefill kernel, decodes included. Both read the
+    paged cache in place. `max_query_len` is a host int, so nothing here reads the device.
+    """
+    from cogvlm_ray.model.kernels.paged_decode import paged_decode_attention
+    from cogvlm_ray.model.kernels.paged_prefill import paged_prefill_attention
+
+    if meta.max_query_len <= 1 and query.shape[0] == meta.num_seqs:
+        return paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    return paged_prefill_attention(
+        query,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        meta.max_query_len,
+        scale,
+    )
+
+
+def triton_write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """`write_kv_cache` as one Triton launch (`kernels/kv_write.py`); negative slots are skipped."""
+    from cogvlm_ray.model.kernels.kv_write import write_kv_cache_triton
+
+    write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "reference": AttentionBackend(write_kv_cache, reference_paged_attention),
+    "sdpa": AttentionBackend(write_kv_cache, sdpa_paged_attention),
+    "triton": AttentionBackend(triton_write_kv_cache, triton_paged_attention),
 }

@@ -49,7 +49,7 @@ class CogVLM2ForCausalLM(nn.Module):
         self.stop_token_ids = tuple(config.eos_token_ids)
 
     def set_attention_backend(self, name: str) -> None:
-        """ "sdpa" (default) or "reference" (plain torch, explicit float32 softmax)."""
+        """A name of `attention.ATTENTION_BACKENDS`: "sdpa" (default), "triton" or "reference"."""
         from cogvlm_ray.model.attention import ATTENTION_BACKENDS
 
         if name not in ATTENTION_BACKENDS:
@@ -96,37 +96,57 @@ class CogVLM2ForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        vision_expert_mask: torch.Tensor,
+        vision_expert_mask: torch.Tensor | None,
         kv_caches: list[KVCache],
         attn_metadata: AttentionMetadata,
         image_embeds: torch.Tensor | None = None,
         image_token_mask: torch.Tensor | None = None,
+        *,
+        expert_routing: ExpertRouting | None = None,
+        image_token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the decoder on a flat batch of T new tokens; returns hidden states `[T, H]` after the final norm.
 
         Writes each token's K/V into `kv_caches` (one `(k, v)` per layer) at `attn_metadata.slot_mapping`
         and attends causally over each sequence's cached + new keys. `image_embeds` `[N_img, H]` are
-        written, in order, at the positions where `image_token_mask` is True. When
-        `vision_expert_mask` has no True, the vision-expert weights are not used.
+        written, in order, at the flat rows `image_token_index` (int64, host-built) or where
+        `image_token_mask` is True. Which rows use the vision expert comes from `expert_routing`
+        (host-built) or `vision_expert_mask`; a language-only step does not touch the vision weights.
+
+        With `expert_routing` (and `image_token_index` when there are image rows) the forward
+        reads nothing back from the device: no host sync, which CUDA graphs require. The mask
+        forms cost one sync each (`nonzero`).
         """
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"expected {len(self.model.layers)} KV caches, got {len(kv_caches)}")
         h = self.model.embed_tokens(input_ids.to(self.embed_device))
         if image_embeds is not None:
-            if image_token_mask is None:
-                raise ValueError("image_embeds needs image_token_mask")
-            index = image_token_mask.to(h.device).nonzero().squeeze(1)
-            if index.numel() != image_embeds.shape[0]:
-                raise ValueError(f"{image_embeds.shape[0]} image rows for {index.numel()} image positions")
-            h = h.index_copy(0, index, image_embeds.to(device=h.device, dtype=h.dtype))
-        routing = ExpertRouting.from_mask(vision_expert_mask)
+            if image_token_index is None:
+                if image_token_mask is None:
+                    raise ValueError("image_embeds needs image_token_index or image_token_mask")
+                image_token_index = image_token_mask.to(h.device).nonzero().squeeze(1)
+            if image_token_index.shape[0] != image_embeds.shape[0]:
+                raise ValueError(
+                    f"{image_embeds.shape[0]} image rows for {image_token_index.shape[0]} image positions"
+                )
+            h = h.index_copy(
+                0, image_token_index.to(h.device), image_embeds.to(device=h.device, dtype=h.dtype)
+            )
+        if expert_routing is None:
+            if vision_expert_mask is None:
+                raise ValueError("forward_flat needs expert_routing or vision_expert_mask")
+            expert_routing = ExpertRouting.from_mask(vision_expert_mask)
         positions_on: dict[torch.device, torch.Tensor] = {}
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             device = module_device(layer)
             if device not in positions_on:
                 positions_on[device] = positions.to(device)
             h = layer(
-                h.to(device), positions_on[device], routing.to(device), kv_cache, attn_metadata.to(device)
+                h.to(device),
+                positions_on[device],
+                expert_routing.to(device),
+                kv_cache,
+                attn_metadata.to(device),
             )
         norm = self.model.norm
         return norm(h.to(norm.weight.device))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cogvlm_ray.config import ModelConfig
-from cogvlm_ray.model.attention import ATTENTION_BACKENDS, AttentionMetadata, write_kv_cache
+from cogvlm_ray.model.attention import ATTENTION_BACKENDS, AttentionMetadata
 from cogvlm_ray.model.rotary import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -39,18 +39,42 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class ExpertRouting:
-    """Row indices of the flat batch per expert; `vision_index is None` means all rows are language."""
+    """Row indices of the flat batch per expert; `vision_index is None` means all rows are language.
+
+    Build it on the host from what the runner already knows (`from_host_mask`, or
+    `language_only()` for a decode step), so that the forward never asks the device whether a
+    row is a vision token. `from_mask` (a device mask) is for callers without host masks; it
+    syncs once per step.
+    """
 
     language_index: torch.Tensor | None
+    """int64 `[T_language]`, or None when every row is language."""
     vision_index: torch.Tensor | None
+    """int64 `[T_vision]`, or None when every row is language."""
     _per_device: dict[torch.device, ExpertRouting] = field(default_factory=dict, repr=False)
 
     @classmethod
+    def language_only(cls) -> ExpertRouting:
+        return cls(language_index=None, vision_index=None)
+
+    @classmethod
+    def from_host_mask(cls, is_vision: list[bool], device: torch.device | str = "cpu") -> ExpertRouting:
+        """From a host list (one flag per flat row): no device read; two small copies if any row is vision."""
+        if not any(is_vision):
+            return cls.language_only()
+        vision = [i for i, v in enumerate(is_vision) if v]
+        language = [i for i, v in enumerate(is_vision) if not v]
+        return cls(
+            language_index=torch.tensor(language, dtype=torch.long).to(device, non_blocking=True),
+            vision_index=torch.tensor(vision, dtype=torch.long).to(device, non_blocking=True),
+        )
+
+    @classmethod
     def from_mask(cls, vision_expert_mask: torch.Tensor) -> ExpertRouting:
-        """One host sync per step (not per layer) to learn whether any row is a vision token."""
+        """From a device mask: one host sync per step (not per layer) to learn whether any row is vision."""
         mask = vision_expert_mask.bool()
         if not bool(mask.any()):
-            return cls(language_index=None, vision_index=None)
+            return cls.language_only()
         return cls(language_index=(~mask).nonzero().squeeze(1), vision_index=mask.nonzero().squeeze(1))
 
     @property
@@ -148,8 +172,9 @@ class VisionExpertAttention(nn.Module):
         q = RotaryEmbedding.rotate(q, cos, sin)
         k = RotaryEmbedding.rotate(k, cos, sin)
         k_cache, v_cache = kv_cache
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        attn = ATTENTION_BACKENDS[self.attention_backend](q, k_cache, v_cache, meta, self.scale)
+        backend = ATTENTION_BACKENDS[self.attention_backend]
+        backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = backend.attend(q, k_cache, v_cache, meta, self.scale)
         attn = attn.reshape(num_tokens, self.hidden_size)
         return route(attn, routing, self.language_expert_dense, self.vision_expert_dense, self.hidden_size)
 
