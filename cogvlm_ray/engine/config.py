@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: `EngineConfig.attention_backend` values: "auto" resolves per device (`resolve_attention_backend`).
+ATTENTION_BACKEND_CHOICES = ("auto", "sdpa", "triton", "reference")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -34,6 +37,9 @@ class EngineConfig:
     """Prompt + output limit per sequence; default: the model's context window (8192)."""
     max_n: int = 8
     """Most choices one request may ask for (SamplingParams.n)."""
+    attention_backend: str = "auto"
+    """"auto" (Triton kernels on CUDA when triton imports, SDPA elsewhere), "sdpa", "triton"
+    (CUDA, or CPU under TRITON_INTERPRET=1 for tests) or "reference" (plain torch)."""
 
     def validate(self) -> None:
         """Raise ValueError for settings the engine cannot run with."""
@@ -57,6 +63,28 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
+        if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, got {self.attention_backend!r}"
+            )
+
+
+def resolve_attention_backend(name: str, device_type: str) -> str:
+    """The `ATTENTION_BACKENDS` name to run for `EngineConfig.attention_backend` on `device_type`.
+
+    Raises ValueError when "triton" is asked for where its kernels cannot run.
+    """
+    import torch
+
+    from cogvlm_ray.model.kernels import can_run_on, triton_importable
+
+    if name == "auto":
+        return "triton" if device_type == "cuda" and triton_importable() else "sdpa"
+    if name == "triton":
+        ok, why = can_run_on(torch.device(device_type))
+        if not ok:
+            raise ValueError(f"attention_backend 'triton' cannot run here: {why}")
+    return name
 
 
 #: KV size used on CPU when neither num_kv_blocks nor max_kv_tokens is given.

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams, check_context_window
-from cogvlm_ray.engine.config import EngineConfig
+from cogvlm_ray.engine.config import EngineConfig, resolve_attention_backend
 from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.kv_cache import BlockManager, allocate_kv_caches, num_kv_blocks_for
 from cogvlm_ray.engine.outputs import OutputProcessor
@@ -75,13 +75,18 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, self.max_model_len)
         self.image_cache = ImageFeatureCache(config.image_cache_bytes)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, image_device.type)
+        if hasattr(model, "set_attention_backend"):
+            model.set_attention_backend(self.attention_backend)
         self.runner = ModelRunner(
-            model, kv_caches, config.block_size, self.image_cache, self.eos_token_ids, config.max_num_seqs
-        )
+            model, kv_caches, config.block_size, self.image_cache, self.eos_token_ids,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+        )  # fmt: skip
         self.outputs = OutputProcessor(tokenizer)
         logger.info(
-            "engine ready: %d KV blocks x %d tokens, max_model_len %d, eos ids %s",
-            num_blocks, config.block_size, self.max_model_len, self.eos_token_ids,
+            "engine ready: %d KV blocks x %d tokens, max_model_len %d, eos ids %s, attention %s",
+            num_blocks, config.block_size, self.max_model_len, self.eos_token_ids, self.attention_backend,
         )  # fmt: skip
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogvlm-engine")

@@ -5,8 +5,9 @@ It never decides who runs. Given a `SchedulerOutput` it
    deduplicated by hash, go through the vision tower as one batch);
 2. builds the flat batch: token ids, rotary positions, vision-expert mask, image-token mask and
    the image rows for the prefill chunks, one token per decode (position = last + 1, language);
-3. builds `AttentionMetadata` from the block tables and runs `model.forward_flat` on the
-   engine-allocated paged KV cache;
+3. stages the step metadata (block tables, slot mapping, sequence lengths, positions, expert
+   routing; `step_buffers.py`) into persistent buffers with one host-to-device copy, and runs
+   `model.forward_flat` on the engine-allocated paged KV cache with no host sync;
 4. computes logits only for the last token of sequences that complete all their known tokens
    and samples one id for each.
 
@@ -28,7 +29,7 @@ from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.sampler import Sampler, SamplingRow
 from cogvlm_ray.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
-from cogvlm_ray.model.attention import AttentionMetadata
+from cogvlm_ray.engine.step_buffers import StagedStep, StepBuffers, stage_step
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
 from cogvlm_ray.model.pixels import normalize_image
 
@@ -60,19 +61,13 @@ class _PromptState:
 class StepInputs:
     """The model inputs of one step (flat batch of T new tokens from B sequences)."""
 
-    input_ids: torch.Tensor
-    """int64 [T]."""
-    positions: torch.Tensor
-    """int64 [T]."""
-    vision_expert_mask: torch.Tensor
-    """bool [T]."""
+    staged: StagedStep
+    """Token ids, positions, attention metadata, expert routing, image rows' index, sampled rows:
+    views of the persistent step buffers, copied to the device in one copy."""
     image_embeds: torch.Tensor | None
     """[N_img, H]: the image rows this step's chunks cover, in flat order."""
-    image_token_mask: torch.Tensor | None
-    """bool [T]: where the image rows go."""
-    attn_metadata: AttentionMetadata
-    last_token_rows: torch.Tensor
-    """int64 [B] (host): flat index of each sequence's last new token."""
+    sampled: list[int]
+    """Sequences (indices into the scheduled list) whose last new token is sampled."""
 
 
 def input_device(model: Any) -> torch.device:
@@ -92,6 +87,9 @@ class ModelRunner:
         image_cache: ImageFeatureCache,
         eos_token_ids: tuple[int, ...],
         max_num_seqs: int = 32,
+        *,
+        max_num_batched_tokens: int = 4096,
+        max_model_len: int = 8192,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -101,6 +99,9 @@ class ModelRunner:
         self.device = input_device(model)
         self._states: dict[str, _PromptState] = {}
         self.sampler = Sampler(model.model_config.vocab_size, max_num_seqs)
+        self.buffers = StepBuffers(
+            max_num_batched_tokens, max_num_seqs, -(-max_model_len // block_size), self.device
+        )
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's state (layout, generator, token counts)."""
@@ -130,23 +131,24 @@ class ModelRunner:
             return RunnerOutput()
         image_cache_hits = self._load_image_features(scheduled)
         inputs = self._prepare_inputs(scheduled)
+        staged = inputs.staged
         hidden = self.model.forward_flat(
-            input_ids=inputs.input_ids,
-            positions=inputs.positions,
-            vision_expert_mask=inputs.vision_expert_mask,
-            kv_caches=self.kv_caches,
-            attn_metadata=inputs.attn_metadata,
+            staged.input_ids,
+            staged.positions,
+            None,
+            self.kv_caches,
+            staged.attn_metadata,
             image_embeds=inputs.image_embeds,
-            image_token_mask=inputs.image_token_mask,
+            expert_routing=staged.expert_routing,
+            image_token_index=staged.image_token_index,
         )  # [T, H]
         # Logits only for the last token of sequences that now have all their tokens computed.
-        sampling = [(b, item) for b, item in enumerate(scheduled) if item.samples]
-        if not sampling:
+        if not inputs.sampled:
             return RunnerOutput(image_cache_hits=image_cache_hits)
-        last_rows = inputs.last_token_rows[[b for b, _ in sampling]].to(hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last_rows))  # [B_sampled, V] float32
-        sampled = self.sampler.sample(logits, [self._sampling_row(item.request) for _, item in sampling])
-        request_ids = [item.request.request_id for _, item in sampling]
+        logits = self.model.compute_logits(hidden.index_select(0, staged.sample_rows.to(hidden.device)))
+        sampling = [scheduled[b] for b in inputs.sampled]  # logits: [B_sampled, V] float32
+        sampled = self.sampler.sample(logits, [self._sampling_row(item.request) for item in sampling])
+        request_ids = [item.request.request_id for item in sampling]
         return RunnerOutput(
             dict(zip(request_ids, sampled.token_ids, strict=True)),
             image_cache_hits,
@@ -154,7 +156,11 @@ class ModelRunner:
         )
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
-        """The flat batch: each request's chunk of prompt and/or generated tokens, concatenated."""
+        """The flat batch: each request's chunk of prompt and/or generated tokens, concatenated.
+
+        Everything is built as host lists and staged into the persistent step buffers with one
+        host-to-device copy (`step_buffers.py`), so the forward never reads the device.
+        """
         token_ids: list[int] = []
         positions: list[int] = []
         expert_mask: list[bool] = []
@@ -182,25 +188,41 @@ class ModelRunner:
                 expert_mask.extend([False] * num_new)
                 image_mask.extend([False] * num_new)
 
-        device = self.device
+        sampled = [b for b, item in enumerate(scheduled) if item.samples]
         query_lens = [item.num_new_tokens for item in scheduled]
-        return StepInputs(
-            input_ids=torch.tensor(token_ids, dtype=torch.long).to(device, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
-            vision_expert_mask=torch.tensor(expert_mask, dtype=torch.bool).to(device, non_blocking=True),
-            image_embeds=torch.cat(image_rows) if image_rows else None,
-            image_token_mask=torch.tensor(image_mask, dtype=torch.bool).to(device, non_blocking=True)
-            if image_rows
-            else None,
-            attn_metadata=AttentionMetadata.build(
-                query_lens=query_lens,
-                context_lens=[item.num_computed_tokens for item in scheduled],
-                block_tables=[item.block_table for item in scheduled],
-                block_size=self.block_size,
-                device=device,
-            ),
-            last_token_rows=torch.tensor(query_lens).cumsum(0) - 1,
+        block_tables = [item.block_table for item in scheduled]
+        self._ensure_buffers(len(token_ids), len(scheduled), max(map(len, block_tables), default=0))
+        staged = stage_step(
+            self.buffers,
+            token_ids=token_ids,
+            positions=positions,
+            is_vision=expert_mask,
+            is_image=image_mask if image_rows else [],
+            query_lens=query_lens,
+            context_lens=[item.num_computed_tokens for item in scheduled],
+            block_tables=block_tables,
+            sampled_seqs=sampled,
+            block_size=self.block_size,
         )
+        return StepInputs(staged, torch.cat(image_rows) if image_rows else None, sampled)
+
+    def _ensure_buffers(self, num_tokens: int, num_seqs: int, num_blocks: int) -> None:
+        """Grow the step buffers for a step beyond the limits they were sized for (not in the engine,
+        which sizes them from its config; a graph runner must never see this happen)."""
+        b = self.buffers
+        if not b.fits(num_tokens, num_seqs, num_blocks):
+            logger.warning(
+                "growing the step buffers for %d tokens / %d seqs / %d blocks",
+                num_tokens,
+                num_seqs,
+                num_blocks,
+            )
+            self.buffers = StepBuffers(
+                max(b.max_num_tokens, num_tokens),
+                max(b.max_num_seqs, num_seqs),
+                max(b.max_blocks_per_seq, num_blocks),
+                self.device,
+            )
 
     def _sampling_row(self, request: Request) -> SamplingRow:
         params = request.sampling_params
