@@ -1,0 +1,163 @@
+"""The CPU stage: `ROW_SCHEMA` rows -> `PREPARED_SCHEMA` rows, through the server's own code.
+
+Each row's chat body goes through exactly what the HTTP ingress does with a request
+(`ChatCompletionRequest` validation, `check_supported`, `to_sampling_params`,
+`to_message_dicts`) and then `Preprocessor.prepare`, so a batch row and an HTTP request with the
+same content reach the engine as the same `PreparedPrompt` and `SamplingParams`. The row's
+image bytes (read from its path when the table held paths) are attached to the last user turn
+as a data URL: the preprocessor's one public entry point, with its size and format checks.
+
+Runs as Ray Data CPU tasks (`map_batches` with a function); each worker process builds its
+`Preprocessor` once (tokenizer load) and keeps it for every later task.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import ValidationError
+
+from cogvlm_ray.api.chat import ChatDefaults, check_supported, to_message_dicts, to_sampling_params
+from cogvlm_ray.api.protocol import ChatCompletionRequest
+from cogvlm_ray.batch.schema import PREPARED_SCHEMA, error_json, error_row, to_table
+from cogvlm_ray.contracts import PreparedPrompt, SamplingParams
+from cogvlm_ray.errors import CogVLMError, ImageError, InvalidRequestError
+from cogvlm_ray.serve.app import AppArgs
+
+
+@functools.lru_cache(maxsize=2)
+def cached_preprocessor(app_args_json: str) -> Any:
+    """One Preprocessor per worker process and model (built like the server's replica)."""
+    from cogvlm_ray.serve.factories import make_preprocessor
+    from cogvlm_ray.serve.model_source import resolve_model_path
+
+    args = AppArgs.model_validate_json(app_args_json)
+    model_dir = resolve_model_path(args.model, os.path.expanduser(args.cache_dir), weights=False)
+    return make_preprocessor(args, model_dir)
+
+
+def prepare_batch(batch: pa.Table, *, app_args_json: str, defaults: ChatDefaults) -> pa.Table:
+    """The `map_batches` function of the stage."""
+    preprocessor = cached_preprocessor(app_args_json)
+    max_image_bytes = AppArgs.model_validate_json(app_args_json).preprocess.max_image_bytes
+    rows = [prepare_row(row, preprocessor, defaults, max_image_bytes) for row in batch.to_pylist()]
+    return to_table(rows, PREPARED_SCHEMA)
+
+
+def prepare_row(row: dict[str, Any], preprocessor: Any, defaults: ChatDefaults, max_image_bytes: int) -> dict:
+    """One row; any request error becomes an error row (the job goes on)."""
+    if row.get("error"):
+        return error_row(PREPARED_SCHEMA, row["id"], row["source"], row["error"])
+    try:
+        prepared, params = prepare_request(
+            json.loads(row["request"]), _image_bytes(row, max_image_bytes), preprocessor, defaults
+        )
+    except Exception as e:  # every row error is reported, never raised: the job goes on
+        return error_row(PREPARED_SCHEMA, row["id"], row["source"], error_json(e))
+    image = prepared.image
+    return {
+        "id": row["id"],
+        "source": row["source"],
+        "sampling": sampling_to_json(params),
+        "input_ids": prepared.input_ids,
+        "token_type_ids": prepared.token_type_ids,
+        "pixels": None if image is None else np.ascontiguousarray(image, dtype=np.uint8).tobytes(),
+        "image_size": None if image is None else int(image.shape[-1]),
+        "image_hash": prepared.image_hash,
+        "error": None,
+    }
+
+
+def prepare_request(
+    raw: Any, image: bytes | None, preprocessor: Any, defaults: ChatDefaults
+) -> tuple[PreparedPrompt, SamplingParams]:
+    """A chat body (+ image bytes for its last user turn) -> what the engine takes, as the ingress
+    and the Preprocessor replica compute it. Raises our 400 errors for bad requests."""
+    try:
+        body = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise InvalidRequestError(f"invalid chat completion request: {problems}") from None
+    check_supported(body)
+    params = to_sampling_params(body, defaults)
+    messages = to_message_dicts(body)
+    if image is not None:
+        attach_image(messages, image)
+    prepared = preprocessor.prepare(
+        messages, max_tokens=params.max_tokens, template_version=body.template_version
+    )
+    return prepared, params
+
+
+def attach_image(messages: list[dict[str, Any]], image: bytes) -> None:
+    """Append the image, as a data URL part, to the last user message (in place)."""
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise InvalidRequestError("the request has no user message to attach the image to")
+    message = users[-1]
+    content = message["content"]
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    url = "data:application/octet-stream;base64," + base64.b64encode(image).decode("ascii")
+    message["content"] = [*parts, {"type": "image_url", "image_url": {"url": url}}]
+
+
+def _image_bytes(row: dict[str, Any], max_bytes: int) -> bytes | None:
+    if row.get("image") is not None:
+        return row["image"]
+    return read_image_file(row["image_path"], max_bytes) if row.get("image_path") else None
+
+
+def read_image_file(path: str, max_bytes: int) -> bytes:
+    """A local path or a pyarrow filesystem URI (s3://, gs://, ...), at most `max_bytes`."""
+    try:
+        if "://" in path and not path.startswith("file://"):
+            from pyarrow import fs
+
+            filesystem, inner = fs.FileSystem.from_uri(path)
+            with filesystem.open_input_stream(inner) as f:
+                data = f.read(max_bytes + 1)
+        else:
+            with open(os.path.expanduser(path.removeprefix("file://")), "rb") as f:
+                data = f.read(max_bytes + 1)
+    except (OSError, pa.ArrowException) as e:
+        raise ImageError(f"could not read the image file {path!r}: {e}") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"image file {path!r} is larger than the limit of {max_bytes} bytes")
+    return data
+
+
+def sampling_to_json(params: SamplingParams) -> str:
+    return json.dumps(dataclasses.asdict(params))
+
+
+def sampling_from_json(text: str) -> SamplingParams:
+    fields = json.loads(text)
+    fields["stop"] = tuple(fields["stop"])
+    fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    return SamplingParams(**fields)
+
+
+def prepared_from_row(row: dict[str, Any]) -> PreparedPrompt:
+    """The `PreparedPrompt` a `PREPARED_SCHEMA` row carries (the engine stage's input)."""
+    image = None
+    if row["pixels"] is not None:
+        size = row["image_size"]
+        image = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(3, size, size).copy()
+    return PreparedPrompt(
+        input_ids=list(row["input_ids"]),
+        token_type_ids=list(row["token_type_ids"]),
+        image=image,
+        image_hash=row["image_hash"],
+    )
+
+
+__all__ = ["CogVLMError", "prepare_batch", "prepare_request", "prepared_from_row", "sampling_from_json"]
