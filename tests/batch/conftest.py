@@ -34,7 +34,9 @@ def fixture_app_args(**engine) -> AppArgs:
                    engine={"max_num_seqs": 4, "max_kv_tokens": 4096, **engine})  # fmt: skip
 
 
-def batch_options(input_path: str | Path, output: str | Path, *, app: AppArgs | None = None, **fields) -> BatchOptions:
+def batch_options(
+    input_path: str | Path, output: str | Path, *, app: AppArgs | None = None, **fields
+) -> BatchOptions:
     spec_fields = {k: fields.pop(k) for k in ("prompt", "format", "image_column", "prompt_column", "id_column",
                                               "limit") if k in fields}  # fmt: skip
     return BatchOptions(input=InputSpec(path=str(input_path), **spec_fields), output=str(output),

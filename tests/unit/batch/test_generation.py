@@ -44,7 +44,9 @@ class CountingEngine:
     async def _stream(self, prepared, request_id):
         await asyncio.wait_for(self.all_arrived.wait(), 5)  # deadlocks unless submitted concurrently
         n = len(prepared.input_ids)
-        yield RequestOutput(request_id, new_token_ids=[n], new_text="a", num_prompt_tokens=n, num_generated_tokens=1)
+        yield RequestOutput(
+            request_id, new_token_ids=[n], new_text="a", num_prompt_tokens=n, num_generated_tokens=1
+        )
         yield RequestOutput(request_id, new_token_ids=[n + 1], new_text="b", finish_reason="length",
                             num_prompt_tokens=n, num_generated_tokens=2)  # fmt: skip
         self.in_flight -= 1
@@ -69,7 +71,9 @@ def test_every_row_of_a_call_is_submitted_at_once_and_errors_become_rows():
             _prepared("e", 0, error=upstream)]  # fmt: skip
     out = {r["id"]: r for r in _run(stage, rows)}
     assert engine.max_in_flight == 3
-    assert out["a"]["text"] == "ab" and out["a"]["token_ids"] == [3, 4] and out["a"]["finish_reason"] == "length"
+    assert (
+        out["a"]["text"] == "ab" and out["a"]["token_ids"] == [3, 4] and out["a"]["finish_reason"] == "length"
+    )
     assert (out["b"]["prompt_tokens"], out["b"]["completion_tokens"]) == (4, 2)
     assert json.loads(out["d"]["error"])["error"]["code"] == "context_length_exceeded"
     assert out["e"]["error"] == upstream
@@ -98,5 +102,7 @@ def test_a_dead_engine_exits_the_actor_for_ray_to_restart(monkeypatch):
 
 def test_table_schema_is_exact():
     engine = CountingEngine(expected=1)
-    table = asyncio.run(EngineStage(lambda: engine, max_in_flight=1)(to_table([_prepared("a", 1)], PREPARED_SCHEMA)))
+    table = asyncio.run(
+        EngineStage(lambda: engine, max_in_flight=1)(to_table([_prepared("a", 1)], PREPARED_SCHEMA))
+    )
     assert isinstance(table, pa.Table) and table.schema.names[:3] == ["id", "source", "text"]

@@ -56,10 +56,14 @@ def test_template_naming_an_unknown_field_is_an_error_row():
 
 def test_openai_lines():
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    ok = openai_row(json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+    ok = openai_row(
+        json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    )
     assert ok["id"] == "r1" and json.loads(ok["request"]) == body and ok.get("error") is None
 
-    wrong_url = openai_row(json.dumps({"custom_id": "r2", "method": "POST", "url": "/v1/embeddings", "body": {}}))
+    wrong_url = openai_row(
+        json.dumps({"custom_id": "r2", "method": "POST", "url": "/v1/embeddings", "body": {}})
+    )
     assert wrong_url["id"] == "r2" and "url must be" in json.loads(wrong_url["error"])["error"]["message"]
 
     not_json = openai_row("{nope")

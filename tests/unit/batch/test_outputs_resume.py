@@ -17,7 +17,9 @@ def _results() -> pa.Table:
     ok = {"id": "a", "source": "/i/a.jpg", "text": "hello", "finish_reason": "stop", "prompt_tokens": 5,
           "completion_tokens": 2, "token_ids": [7, 8], "error": None}  # fmt: skip
     bad = error_row(RESULT_SCHEMA, "b", "/i/b.jpg", error_json(ImageError("cannot decode")))
-    flaky = error_row(RESULT_SCHEMA, "c", None, error_json(ServiceUnavailableError("aborted", code="aborted")))
+    flaky = error_row(
+        RESULT_SCHEMA, "c", None, error_json(ServiceUnavailableError("aborted", code="aborted"))
+    )
     return to_table([ok, bad, flaky], RESULT_SCHEMA)
 
 
@@ -27,7 +29,9 @@ def test_plain_and_openai_lines():
     assert line == {"id": "a", "source": "/i/a.jpg", "text": "hello", "finish_reason": "stop",
                     "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}, "error": None,
                     "token_ids": [7, 8]}  # fmt: skip
-    assert plain_line(bad)["error"]["status_code"] == 400 and plain_line(bad)["error"]["code"] == "invalid_image"
+    assert (
+        plain_line(bad)["error"]["status_code"] == 400 and plain_line(bad)["error"]["code"] == "invalid_image"
+    )
 
     out = openai_line(ok, model="cogvlm2", created=1)
     assert out["custom_id"] == "a" and out["error"] is None and out["response"]["status_code"] == 200
@@ -36,7 +40,10 @@ def test_plain_and_openai_lines():
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
     assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["total_tokens"] == 7
     failed = openai_line(bad, model="cogvlm2")
-    assert failed["response"]["status_code"] == 400 and failed["response"]["body"]["error"]["code"] == "invalid_image"
+    assert (
+        failed["response"]["status_code"] == 400
+        and failed["response"]["body"]["error"]["code"] == "invalid_image"
+    )
     assert failed["error"]["code"] == "invalid_image"
 
 

@@ -41,23 +41,31 @@ def _row(request: str, *, image: bytes | None = None, image_path: str | None = N
 def test_an_image_row_is_prepared_like_the_same_http_request(preprocessor):
     data = IMAGE.read_bytes()
     defaults = ChatDefaults(max_tokens=7, temperature=0.0)
-    out = prepare_row(_row(user_request("What is it?", {"seed": 5}), image=data), preprocessor, defaults, MAX_BYTES)
+    out = prepare_row(
+        _row(user_request("What is it?", {"seed": 5}), image=data), preprocessor, defaults, MAX_BYTES
+    )
     assert out["error"] is None
 
     url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
     http = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}]}], "seed": 5})  # fmt: skip
     params = to_sampling_params(http, defaults)
-    expected = preprocessor.prepare(to_message_dicts(http), max_tokens=params.max_tokens, template_version=None)
+    expected = preprocessor.prepare(
+        to_message_dicts(http), max_tokens=params.max_tokens, template_version=None
+    )
 
     got = prepared_from_row(out)
     assert got.input_ids == expected.input_ids and got.token_type_ids == expected.token_type_ids
     assert np.array_equal(got.image, expected.image) and got.image_hash == expected.image_hash
-    assert sampling_from_json(out["sampling"]) == params == SamplingParams(max_tokens=7, temperature=0.0, seed=5)
+    assert (
+        sampling_from_json(out["sampling"]) == params == SamplingParams(max_tokens=7, temperature=0.0, seed=5)
+    )
 
 
 def test_image_paths_are_read_and_text_only_bodies_pass(preprocessor):
-    out = prepare_row(_row(user_request("Hi", {}), image_path=str(IMAGE)), preprocessor, ChatDefaults(), MAX_BYTES)
+    out = prepare_row(
+        _row(user_request("Hi", {}), image_path=str(IMAGE)), preprocessor, ChatDefaults(), MAX_BYTES
+    )
     assert out["error"] is None and out["pixels"] is not None and out["image_size"] == 56
     body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
     out = prepare_row(_row(body), preprocessor, ChatDefaults(), MAX_BYTES)

@@ -33,6 +33,7 @@ DASHBOARD_PATH = K8S_DIR / "monitoring" / "grafana-dashboard.json"
 #: (apiVersion, kind) -> CRD file in SCHEMA_DIR.
 CRD_FILES: dict[tuple[str, str], str] = {
     ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
+    ("ray.io/v1", "RayJob"): "ray.io_rayjobs.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
@@ -228,7 +229,9 @@ class RayGroup:
 
 
 def ray_groups(rayservice: dict[str, Any]) -> list[RayGroup]:
-    cluster = rayservice["spec"]["rayClusterConfig"]
+    """The Ray node groups of a RayService (`rayClusterConfig`) or RayJob (`rayClusterSpec`)."""
+    spec = rayservice["spec"]
+    cluster = spec["rayClusterConfig"] if "rayClusterConfig" in spec else spec["rayClusterSpec"]
     groups = [RayGroup("head", cluster["headGroupSpec"], is_head=True)]
     groups += [RayGroup(w["groupName"], w, is_head=False) for w in cluster.get("workerGroupSpecs", [])]
     return groups
@@ -237,7 +240,7 @@ def ray_groups(rayservice: dict[str, Any]) -> list[RayGroup]:
 def pod_templates() -> Iterator[tuple[str, dict[str, Any]]]:
     """(owner id, pod spec) of every pod any manifest creates (Ray groups and Jobs)."""
     for manifest in load_manifests():
-        if manifest.kind == "RayService":
+        if manifest.kind in ("RayService", "RayJob"):
             for group in ray_groups(manifest.doc):
                 yield f"{manifest.id}/{group.name}", group.pod_spec
         elif manifest.kind == "Job":
