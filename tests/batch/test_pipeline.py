@@ -43,7 +43,6 @@ def test_image_folder_with_a_broken_image_then_resume(ray_cluster, tmp_path):
         line = lines[str(folder / name)]
         assert line["error"] is None and line["source"] == str(folder / name)
         assert line["usage"]["completion_tokens"] >= 1 and line["finish_reason"] in ("stop", "length")
-    assert run(batch_options(folder, out, prompt="What is in {name}?")).num_rows == 0  # all done
 
 
 def test_tables_of_bytes_and_of_paths(ray_cluster, tmp_path):
