@@ -93,7 +93,10 @@ def build_dataset(
         batch_format="pyarrow",
         batch_size=sizing.batch_size,
         compute=ray.data.ActorPoolStrategy(
-            min_size=sizing.min_actors, max_size=sizing.max_actors, max_tasks_in_flight_per_actor=2 * calls
+            min_size=sizing.min_actors,
+            max_size=sizing.max_actors,
+            max_tasks_in_flight_per_actor=2 * calls,
+            max_concurrent_calls_per_actor=calls,  # overlapping engine calls (threads, one event loop)
         ),
         fn_constructor_kwargs={
             "engine_factory": engine_factory or EngineFactory(options.app),
@@ -101,7 +104,8 @@ def build_dataset(
         },
         num_cpus=sizing.num_cpus_per_actor,
         num_gpus=sizing.num_gpus_per_actor,
-        max_concurrency=calls,  # overlapping engine calls per actor (threads sharing one event loop)
+        # Bounded (Ray Data's default retries forever). Ray 2.60 has no named parameter for these
+        # yet, hence its deprecation warning about `ray_remote_args`.
         max_restarts=sizing.max_retries,
         max_task_retries=sizing.max_retries,
     )

@@ -28,7 +28,7 @@ from cogvlm_ray.api.chat import ChatDefaults, check_supported, to_message_dicts,
 from cogvlm_ray.api.protocol import ChatCompletionRequest
 from cogvlm_ray.batch.schema import PREPARED_SCHEMA, error_json, error_row, to_table
 from cogvlm_ray.contracts import PreparedPrompt, SamplingParams
-from cogvlm_ray.errors import CogVLMError, ImageError, InvalidRequestError
+from cogvlm_ray.errors import ImageError, InvalidRequestError
 from cogvlm_ray.serve.app import AppArgs
 
 
@@ -158,6 +158,3 @@ def prepared_from_row(row: dict[str, Any]) -> PreparedPrompt:
         image=image,
         image_hash=row["image_hash"],
     )
-
-
-__all__ = ["CogVLMError", "prepare_batch", "prepare_request", "prepared_from_row", "sampling_from_json"]
