@@ -2,6 +2,7 @@
 
     rows = read_rows(input)                            inputs.py       (Ray Data readers, workers)
       .map_batches(skip_completed)                     resume.py       (resume by id)
+      .repartition(target_num_rows_per_block=...)                      (small blocks: streaming)
       .map_batches(prepare_batch, num_cpus=...)        preprocessing.py (CPU tasks)
       .map_batches(EngineStage, compute=ActorPoolStrategy(min, max), num_gpus=...)  generation.py
     for batch in rows.iter_batches(): writer.write(batch)                outputs.py (driver)
@@ -79,6 +80,10 @@ def build_dataset(
     ds = read_rows(options.input, options.request_fields)
     if done_ids:
         ds = ds.map_batches(skip_completed, batch_format="pyarrow", fn_kwargs={"done": done_ids})
+    # Small blocks from here on: readers pack many files per block, and a block is the unit of a
+    # task's output, so without this the first results would wait for a whole read block, and
+    # preprocessing of one big block could not spread over several CPUs.
+    ds = ds.repartition(target_num_rows_per_block=sizing.preprocess_batch_size)
     ds = ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
