@@ -19,7 +19,7 @@ import yaml
 
 from cogvlm_ray.api.chat import ChatDefaults
 from cogvlm_ray.batch.options import BatchOptions, InputSpec, PipelineSizing
-from cogvlm_ray.serve.app import AppArgs, parse_args
+from cogvlm_ray.serve.args import AppArgs, parse_args
 
 logger = logging.getLogger("cogvlm_ray.batch")
 

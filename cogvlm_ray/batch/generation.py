@@ -26,7 +26,7 @@ import pyarrow as pa
 from cogvlm_ray.batch.preprocessing import prepared_from_row, sampling_from_json
 from cogvlm_ray.batch.schema import RESULT_SCHEMA, error_json, error_row, to_table
 from cogvlm_ray.errors import CogVLMError, EngineDeadError, ServiceUnavailableError
-from cogvlm_ray.serve.app import AppArgs
+from cogvlm_ray.serve.args import AppArgs
 from cogvlm_ray.serve.server import EngineLike
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,9 @@ class EngineFactory:
 
     def __call__(self) -> EngineLike:
         from cogvlm_ray.serve.factories import load_engine
-        from cogvlm_ray.serve.model_source import resolve_model_path
 
         args = AppArgs.model_validate_json(self.app_args_json)
-        return load_engine(args, resolve_model_path(args.model, os.path.expanduser(args.cache_dir)))
+        return load_engine(args, args.model_dir())
 
 
 class EngineStage:

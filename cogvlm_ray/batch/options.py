@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cogvlm_ray.api.chat import ChatDefaults
-from cogvlm_ray.serve.app import AppArgs
+from cogvlm_ray.serve.args import AppArgs
 
 InputFormat = Literal["auto", "images", "openai", "table"]
 OutputFormat = Literal["auto", "jsonl", "parquet"]

@@ -2,10 +2,10 @@
 
 Each row's chat body goes through exactly what the HTTP ingress does with a request
 (`ChatCompletionRequest` validation, `check_supported`, `to_sampling_params`,
-`to_message_dicts`) and then `Preprocessor.prepare`, so a batch row and an HTTP request with the
+`to_conversation`) and then `Preprocessor.prepare`, so a batch row and an HTTP request with the
 same content reach the engine as the same `PreparedPrompt` and `SamplingParams`. The row's
-image bytes (read from its path when the table held paths) are attached to the last user turn
-as a data URL: the preprocessor's one public entry point, with its size and format checks.
+image bytes (read from its path when the table held paths) join the conversation as a data URL,
+as if the client had sent them, so they pass the preprocessor's size and format checks.
 
 Runs as Ray Data CPU tasks (`map_batches` with a function); each worker process builds its
 `Preprocessor` once (tokenizer load) and keeps it for every later task.
@@ -24,23 +24,22 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ValidationError
 
-from cogvlm_ray.api.chat import ChatDefaults, check_supported, to_message_dicts, to_sampling_params
+from cogvlm_ray.api.chat import ChatDefaults, check_supported, to_conversation, to_sampling_params
 from cogvlm_ray.api.protocol import ChatCompletionRequest
 from cogvlm_ray.batch.schema import PREPARED_SCHEMA, error_json, error_row, to_table
 from cogvlm_ray.contracts import PreparedPrompt, SamplingParams
 from cogvlm_ray.errors import ImageError, InvalidRequestError
-from cogvlm_ray.serve.app import AppArgs
+from cogvlm_ray.preprocess.messages import Conversation
+from cogvlm_ray.serve.args import AppArgs
 
 
 @functools.lru_cache(maxsize=2)
 def cached_preprocessor(app_args_json: str) -> Any:
     """One Preprocessor per worker process and model (built like the server's replica)."""
     from cogvlm_ray.serve.factories import make_preprocessor
-    from cogvlm_ray.serve.model_source import resolve_model_path
 
     args = AppArgs.model_validate_json(app_args_json)
-    model_dir = resolve_model_path(args.model, os.path.expanduser(args.cache_dir), weights=False)
-    return make_preprocessor(args, model_dir)
+    return make_preprocessor(args, args.model_dir(weights=False))
 
 
 def prepare_batch(batch: pa.Table, *, app_args_json: str, defaults: ChatDefaults) -> pa.Table:
@@ -89,25 +88,19 @@ def prepare_request(
         raise InvalidRequestError(f"invalid chat completion request: {problems}") from None
     check_supported(body)
     params = to_sampling_params(body, defaults)
-    messages = to_message_dicts(body)
+    conversation = to_conversation(body)
     if image is not None:
-        attach_image(messages, image)
+        conversation = with_image(conversation, image)
     prepared = preprocessor.prepare(
-        messages, max_tokens=params.max_tokens, template_version=body.template_version
+        conversation, max_tokens=params.max_tokens, template_version=body.template_version
     )
     return prepared, params
 
 
-def attach_image(messages: list[dict[str, Any]], image: bytes) -> None:
-    """Append the image, as a data URL part, to the last user message (in place)."""
-    users = [m for m in messages if m.get("role") == "user"]
-    if not users:
-        raise InvalidRequestError("the request has no user message to attach the image to")
-    message = users[-1]
-    content = message["content"]
-    parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+def with_image(conversation: Conversation, image: bytes) -> Conversation:
+    """The conversation with `image` added as a data URL (as a client would send it)."""
     url = "data:application/octet-stream;base64," + base64.b64encode(image).decode("ascii")
-    message["content"] = [*parts, {"type": "image_url", "image_url": {"url": url}}]
+    return dataclasses.replace(conversation, image_urls=[*conversation.image_urls, url])
 
 
 def _image_bytes(row: dict[str, Any], max_bytes: int) -> bytes | None:

@@ -14,7 +14,7 @@ import pytest
 
 from cogvlm_ray.api.chat import ChatDefaults
 from cogvlm_ray.batch.options import BatchOptions, InputSpec, PipelineSizing
-from cogvlm_ray.serve.app import AppArgs
+from cogvlm_ray.serve.args import AppArgs
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cogvlm2-tiny"
 

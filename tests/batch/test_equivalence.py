@@ -23,7 +23,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from cogvlm_ray.api.chat import ChatDefaults, check_supported, to_message_dicts, to_sampling_params
+from cogvlm_ray.api.chat import ChatDefaults, check_supported, to_conversation, to_sampling_params
 from cogvlm_ray.api.protocol import ChatCompletionRequest
 from cogvlm_ray.batch.pipeline import run
 from cogvlm_ray.serve.factories import load_engine, make_preprocessor
@@ -75,7 +75,7 @@ def server_path_token_ids(bodies: dict[str, dict]) -> dict[str, list[int]]:
                 request = ChatCompletionRequest.model_validate(raw)
                 check_supported(request)
                 params = to_sampling_params(request, defaults)
-                prepared = await preprocess.prepare(to_message_dicts(request), params.max_tokens,
+                prepared = await preprocess.prepare(to_conversation(request), params.max_tokens,
                                                     request.template_version)  # fmt: skip
                 out[cid] = [t async for o in server.generate(prepared, params, cid) for t in o.new_token_ids]
         finally:

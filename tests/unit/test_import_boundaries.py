@@ -58,6 +58,7 @@ ALLOWED_LAYERS: dict[str, set[str]] = {
     "hf": {"model", "preprocess", "contracts", "config", "errors"},
     "api": {"contracts", "errors", "config", "preprocess"},
     "serve": {"api", "engine", "model", "preprocess", "contracts", "config", "errors"},
+    "batch": {"serve", "api", "engine", "model", "preprocess", "contracts", "config", "errors"},
     "loadgen": set(),
 }
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cogvlm_ray.api.chat import ChatDefaults, to_message_dicts, to_sampling_params
+from cogvlm_ray.api.chat import ChatDefaults, to_conversation, to_sampling_params
 from cogvlm_ray.api.protocol import ChatCompletionRequest
 from cogvlm_ray.batch.inputs import user_request
 from cogvlm_ray.batch.preprocessing import (
-    attach_image,
     prepare_row,
     prepared_from_row,
     read_image_file,
     sampling_from_json,
+    with_image,
 )
 from cogvlm_ray.contracts import SamplingParams
 from cogvlm_ray.errors import ImageError
@@ -51,7 +51,7 @@ def test_an_image_row_is_prepared_like_the_same_http_request(preprocessor):
         {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}]}], "seed": 5})  # fmt: skip
     params = to_sampling_params(http, defaults)
     expected = preprocessor.prepare(
-        to_message_dicts(http), max_tokens=params.max_tokens, template_version=None
+        to_conversation(http), max_tokens=params.max_tokens, template_version=None
     )
 
     got = prepared_from_row(out)
@@ -94,12 +94,13 @@ def test_error_rows_pass_through(preprocessor):
     assert prepare_row(row, preprocessor, ChatDefaults(), MAX_BYTES)["error"] == row["error"]
 
 
-def test_attach_image_appends_to_the_last_user_turn():
-    messages = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
-                {"role": "user", "content": [{"type": "text", "text": "second"}]}]  # fmt: skip
-    attach_image(messages, b"img")
-    assert messages[0]["content"] == "first"
-    assert messages[2]["content"][-1]["image_url"]["url"].endswith(base64.b64encode(b"img").decode())
+def test_with_image_adds_the_bytes_as_a_data_url():
+    conversation = to_conversation(
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "q"}]})
+    )
+    (url,) = with_image(conversation, b"img").image_urls
+    assert url.startswith("data:") and url.endswith(base64.b64encode(b"img").decode())
+    assert conversation.image_urls == []  # a new conversation; the parsed one is unchanged
 
 
 def test_read_image_file_caps_the_size(tmp_path):
