@@ -45,7 +45,7 @@ def cached_preprocessor(app_args_json: str) -> Any:
 def prepare_batch(batch: pa.Table, *, app_args_json: str, defaults: ChatDefaults) -> pa.Table:
     """The `map_batches` function of the stage."""
     preprocessor = cached_preprocessor(app_args_json)
-    max_image_bytes = AppArgs.model_validate_json(app_args_json).preprocess.max_image_bytes
+    max_image_bytes = preprocessor.options.max_image_bytes
     rows = [prepare_row(row, preprocessor, defaults, max_image_bytes) for row in batch.to_pylist()]
     return to_table(rows, PREPARED_SCHEMA)
 
