@@ -83,7 +83,9 @@ def build_dataset(
     # Small blocks from here on: readers pack many files per block, and a block is the unit of a
     # task's output, so without this the first results would wait for a whole read block, and
     # preprocessing of one big block could not spread over several CPUs.
-    ds = ds.repartition(target_num_rows_per_block=sizing.preprocess_batch_size)
+    # A block holds the rows of several engine calls (Ray Data runs up to 4 calls of one block at
+    # once), so one block alone keeps an engine's batch full.
+    ds = ds.repartition(target_num_rows_per_block=max(sizing.preprocess_batch_size, 4 * sizing.batch_size))
     ds = ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
