@@ -88,6 +88,13 @@ def prepare_request(
         raise InvalidRequestError(f"invalid chat completion request: {problems}") from None
     check_supported(body)
     params = to_sampling_params(body, defaults)
+    if params.n != 1 or params.logprobs:
+        # The batch output has one text per row and no logprobs column (the engine could do
+        # both; check_supported refuses them too while the HTTP API does not offer them).
+        param = "n" if params.n != 1 else "logprobs"
+        raise InvalidRequestError(
+            f"{param} is not supported in batch jobs; send one row per choice", param=param
+        )
     conversation = to_conversation(body)
     if image is not None:
         conversation = with_image(conversation, image)
@@ -133,10 +140,12 @@ def sampling_to_json(params: SamplingParams) -> str:
 
 
 def sampling_from_json(text: str) -> SamplingParams:
-    fields = json.loads(text)
-    fields["stop"] = tuple(fields["stop"])
-    fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
-    return SamplingParams(**fields)
+    """Inverse of `sampling_to_json` (JSON arrays back into the dataclass's tuples)."""
+    return SamplingParams(**{name: _tuples(value) for name, value in json.loads(text).items()})
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def prepared_from_row(row: dict[str, Any]) -> PreparedPrompt:

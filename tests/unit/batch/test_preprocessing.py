@@ -79,6 +79,7 @@ def test_image_paths_are_read_and_text_only_bodies_pass(preprocessor):
         (_row(user_request("x", {}), image_path="/no/such/file.jpg"), "invalid_image"),
         (_row(user_request("x " * 5000, {"max_tokens": 8000}), image=IMAGE.read_bytes()), "context_length_exceeded"),
         (_row(json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2})), "unsupported_parameter"),
+        (_row(json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": True})), "unsupported_parameter"),
         (_row(json.dumps({"messages": [], "colour": "red"})), None),  # schema error
     ],
 )  # fmt: skip
