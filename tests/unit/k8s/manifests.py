@@ -33,7 +33,8 @@ DASHBOARD_PATH = K8S_DIR / "monitoring" / "grafana-dashboard.json"
 #: (apiVersion, kind) -> CRD file in SCHEMA_DIR.
 CRD_FILES: dict[tuple[str, str], str] = {
     ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
-    ("ray.io/v1", "RayJob"): "ray.io_rayjobs.yaml",
+    ("ray.io/v1", "RayCluster"): "ray.io_rayclusters.yaml",
+    ("ray.io/v1", "RayJob"): "",  # no CRD in the fixtures: see rayjob_schema()
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
@@ -139,12 +140,55 @@ def openapi_to_jsonschema(node: Any) -> Any:
 @functools.cache
 def crd_schema(api_version: str, kind: str) -> dict[str, Any]:
     """The JSON Schema of one served version of a CRD in the fixtures."""
+    if kind == "RayJob":
+        return rayjob_schema()
     group, _, version = api_version.rpartition("/")
     with open(SCHEMA_DIR / CRD_FILES[(api_version, kind)], encoding="utf-8") as f:
         crd = yaml.load(f, Loader=_YAML_LOADER)
     assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v.get("served")]
     return openapi_to_jsonschema(served["schema"]["openAPIV3Schema"])
+
+
+#: The RayJob `spec` fields our manifests may use, typed as KubeRay's RayJob API documents them
+#: (the RayJob CRD is not among the shared schemas; `rayClusterSpec` is checked against the
+#: RayCluster CRD instead).
+RAYJOB_SPEC_FIELDS: dict[str, dict[str, Any]] = {
+    "entrypoint": {"type": "string", "minLength": 1},
+    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+    "backoffLimit": {"type": "integer", "minimum": 0},
+    "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+    "shutdownAfterJobFinishes": {"type": "boolean"},
+    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+    "runtimeEnvYAML": {"type": "string"},
+    "entrypointNumCpus": {"type": "number"},
+    "entrypointNumGpus": {"type": "number"},
+    "suspend": {"type": "boolean"},
+    "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+
+@functools.cache
+def rayjob_schema() -> dict[str, Any]:
+    """A strict JSON Schema for our RayJob manifests: the hand-typed top-level fields above, and
+    `rayClusterSpec` exactly as the RayCluster CRD defines a RayCluster's `spec`."""
+    cluster = crd_schema("ray.io/v1", "RayCluster")
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": "RayJob"},
+            "metadata": cluster["properties"]["metadata"],
+            "spec": {
+                "type": "object",
+                "required": ["entrypoint", "rayClusterSpec"],
+                "additionalProperties": False,
+                "properties": {**RAYJOB_SPEC_FIELDS, "rayClusterSpec": cluster["properties"]["spec"]},
+            },
+        },
+    }
 
 
 def validation_errors(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
