@@ -1,11 +1,10 @@
-"""Conversions between the OpenAI chat API and the engine, in both directions.
+"""Conversions from the OpenAI chat API to the engine's inputs.
 
-In:  `ChatCompletionRequest` -> checks for unsupported-but-meaningful fields (400), the model
-     name (404), the `Conversation` for the preprocessor (parsed once, from the validated
-     pydantic messages), and `SamplingParams` for the engine. Value ranges are pydantic's
-     (`protocol.py`); the engine checks `SamplingParams` again on admission.
-Out: `RequestOutput` deltas -> an OpenAI `chat.completion` body or `chat.completion.chunk`
-     objects framed as Server-Sent Events (`data: {...}\\n\\n`, ending with `data: [DONE]`).
+`ChatCompletionRequest` -> refusals of fields we do not implement (`api/fields.py`, 400), the
+cross-field rules (400), the model name (404), the `Conversation` for the preprocessor (parsed
+once, from the validated pydantic messages; tool messages rendered as text), and
+`SamplingParams` for the engine. Value ranges are pydantic's (`protocol.py`); the engine checks
+`SamplingParams` again on admission. The way back (deltas -> OpenAI bodies) is `api/responses.py`.
 
 No I/O and no Ray here: `serve/ingress.py` drives these functions.
 """
@@ -13,27 +12,27 @@ No I/O and no Ray here: `serve/ingress.py` drives these functions.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cogvlm_ray.api.protocol import ChatCompletionRequest, ChatMessage, TextPart
-from cogvlm_ray.contracts import RequestOutput, SamplingParams
-from cogvlm_ray.errors import CogVLMError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from cogvlm_ray.api.fields import check_implemented
+from cogvlm_ray.api.protocol import ChatCompletionRequest, ChatMessage, ImagePart, RefusalPart, TextPart
+from cogvlm_ray.contracts import SamplingParams
+from cogvlm_ray.errors import InvalidRequestError, ModelNotFoundError
 from cogvlm_ray.preprocess.messages import Conversation, Turn, conversation_from_turns
 
-SSE_DONE = "data: [DONE]\n\n"
-
-
 _SAMPLING_DEFAULTS = SamplingParams()
+
+#: Server limit on `n` when the app does not say (`EngineConfig.max_n`).
+DEFAULT_MAX_N = 8
 
 
 @dataclass(frozen=True)
 class ChatDefaults:
-    """Server-side defaults for fields a request leaves out (set from `AppArgs`); their own
-    defaults are `SamplingParams`'s."""
+    """Server-side defaults for fields a request leaves out (set from `AppArgs` and the
+    checkpoint's generation_config.json); their own defaults are `SamplingParams`'s."""
 
     max_tokens: int = _SAMPLING_DEFAULTS.max_tokens
     temperature: float = _SAMPLING_DEFAULTS.temperature
@@ -43,38 +42,14 @@ class ChatDefaults:
 
 
 def make_request_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    """A fresh id for a request whose client sent no `x-request-id`."""
+    return uuid.uuid4().hex
 
 
-def check_supported(request: ChatCompletionRequest) -> None:
-    """Raise InvalidRequestError (400) for fields that would change the answer and we cannot honour."""
-    refusals: list[tuple[bool, str, str]] = [
-        (request.n is not None and request.n != 1, "n", "n > 1 is not supported; send n separate requests"),
-        (bool(request.logprobs), "logprobs", "logprobs are not supported"),
-        (request.top_logprobs is not None, "top_logprobs", "top_logprobs are not supported"),
-        (
-            bool(request.presence_penalty),
-            "presence_penalty",
-            "presence_penalty is not supported; use repetition_penalty",
-        ),
-        (
-            bool(request.frequency_penalty),
-            "frequency_penalty",
-            "frequency_penalty is not supported; use repetition_penalty",
-        ),
-        (bool(request.logit_bias), "logit_bias", "logit_bias is not supported"),
-        (bool(request.tools) or bool(request.functions), "tools", "tool / function calling is not supported"),
-        (
-            request.tool_choice not in (None, "none"),
-            "tool_choice",
-            "tool / function calling is not supported",
-        ),
-        (request.function_call not in (None, "none"), "function_call", "function calling is not supported"),
-        (
-            request.response_format is not None and request.response_format.type != "text",
-            "response_format",
-            "only response_format type 'text' is supported",
-        ),
+def check_supported(request: ChatCompletionRequest, max_n: int = DEFAULT_MAX_N) -> None:
+    """Raise InvalidRequestError (400) for refused fields (`api/fields.py`) and cross-field rules."""
+    check_implemented(request)
+    rules: list[tuple[bool, str, str]] = [
         (
             request.stream_options is not None and not request.stream,
             "stream_options",
@@ -87,10 +62,16 @@ def check_supported(request: ChatCompletionRequest) -> None:
             "max_completion_tokens",
             "max_tokens and max_completion_tokens disagree; send one of them",
         ),
+        (
+            bool(request.top_logprobs) and not request.logprobs,
+            "top_logprobs",
+            "top_logprobs requires logprobs to be true",
+        ),
+        ((request.n or 1) > max_n, "n", f"n must be <= {max_n} on this server"),
     ]
-    for refused, param, message in refusals:
-        if refused:
-            raise InvalidRequestError(message, param=param, code="unsupported_parameter")
+    for broken, param, message in rules:
+        if broken:
+            raise InvalidRequestError(message, param=param)
 
 
 def resolve_model_name(request: ChatCompletionRequest, served_model_names: Iterable[str]) -> str:
@@ -110,19 +91,98 @@ def resolve_model_name(request: ChatCompletionRequest, served_model_names: Itera
 def to_conversation(request: ChatCompletionRequest) -> Conversation:
     """The typed conversation for the preprocessor ("developer" is a system message).
 
-    The pydantic schema has already checked every message's shape; this applies the pairing
-    rules once (`preprocess.messages.conversation_from_turns`), so nothing re-parses dicts.
+    The pydantic schema has already checked every message's shape; this renders tool messages
+    as text and applies the pairing rules once (`preprocess.messages.conversation_from_turns`).
+    Tool rendering (docs/serving.md, "Tool messages"): an assistant message's `tool_calls` are
+    appended to its text as `Tool call <id>: <name>(<arguments>)` lines; a `tool` (or legacy
+    `function`) message becomes user text `Tool result (<tool_call_id or name>): <content>`,
+    joined with adjacent tool results and the user message that follows into one user turn.
     """
-    return conversation_from_turns(_turn(index, message) for index, message in enumerate(request.messages))
+    turns: list[tuple[Turn, bool]] = []  # (turn, is a tool result)
+    for index, message in enumerate(request.messages):
+        turn = _turn(index, message)
+        is_tool = message.role in ("tool", "function")
+        if turns and turn.role == "user" and turns[-1][0].role == "user" and (is_tool or turns[-1][1]):
+            previous, _ = turns.pop()
+            turn = Turn(
+                previous.index,
+                "user",
+                "\n".join(t for t in (previous.text, turn.text) if t),
+                previous.image_urls + turn.image_urls,
+            )
+            is_tool = True
+        turns.append((turn, is_tool))
+    return conversation_from_turns(turn for turn, _ in turns)
 
 
 def _turn(index: int, message: ChatMessage) -> Turn:
-    role = "system" if message.role == "developer" else message.role
+    where = f"messages[{index}]"
+    has_calls = bool(message.tool_calls) or message.function_call is not None
+    if message.content is None and not (message.role == "assistant" and has_calls):
+        raise InvalidRequestError(
+            f"{where}.content must be a string or a list of content parts (null only on an "
+            "assistant message with tool_calls)",
+            param=f"{where}.content",
+        )
+    text, urls = _content(message, where)
+    if message.role == "assistant":
+        calls = [_render_call(call) for call in message.tool_calls or ()]
+        if message.function_call is not None:
+            calls.append(_render_call({"function": message.function_call}))
+        return Turn(index, "assistant", "\n".join(t for t in (text, *calls) if t), urls)
+    if message.role in ("tool", "function"):
+        source = message.tool_call_id or message.name or message.role
+        return Turn(index, "user", f"Tool result ({source}): {text}", urls)
+    return Turn(index, "system" if message.role == "developer" else message.role, text, urls)
+
+
+def _content(message: ChatMessage, where: str) -> tuple[str, tuple[str, ...]]:
+    if message.content is None:
+        return "", ()
     if isinstance(message.content, str):
-        return Turn(index, role, message.content)
-    texts = [part.text for part in message.content if isinstance(part, TextPart)]
-    urls = tuple(part.image_url.url for part in message.content if not isinstance(part, TextPart))
-    return Turn(index, role, "\n".join(texts), urls)
+        return message.content, ()
+    texts: list[str] = []
+    urls: list[str] = []
+    for part_index, part in enumerate(message.content):
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif isinstance(part, RefusalPart):
+            texts.append(part.refusal)
+        elif isinstance(part, ImagePart):
+            urls.append(part.image_url.url)
+        else:
+            raise InvalidRequestError(
+                f"{where}.content[{part_index}]: {part.type} content parts are not supported "
+                "(CogVLM2 reads text and images)",
+                param=f"{where}.content[{part_index}].type",
+                code="unsupported_parameter",
+            )
+    return "\n".join(texts), tuple(urls)
+
+
+def _render_call(call: dict[str, Any]) -> str:
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    name = function.get("name", "?")
+    arguments = function.get("arguments", "")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return f"Tool call {call.get('id', '')}: {name}({arguments})".replace("call :", "call:")
+
+
+def _logit_bias(request: ChatCompletionRequest) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for key, value in (request.logit_bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            token_id = -1
+        if token_id < 0:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}",
+                param="logit_bias",
+            )
+        bias[token_id] = value
+    return bias
 
 
 def to_sampling_params(request: ChatCompletionRequest, defaults: ChatDefaults) -> SamplingParams:
@@ -144,106 +204,14 @@ def to_sampling_params(request: ChatCompletionRequest, defaults: ChatDefaults) -
         stop_token_ids=tuple(request.stop_token_ids or ()),
         min_tokens=request.min_tokens,
         ignore_eos=request.ignore_eos,
+        min_p=request.min_p or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=tuple(_logit_bias(request).items()),
+        n=request.n or 1,
+        logprobs=bool(request.logprobs),
+        top_logprobs=(request.top_logprobs or 0) if request.logprobs else 0,
     )
     if params.min_tokens > params.max_tokens:
         raise InvalidRequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
     return params
-
-
-def usage_dict(output: RequestOutput) -> dict[str, int]:
-    return {
-        "prompt_tokens": output.num_prompt_tokens,
-        "completion_tokens": output.num_generated_tokens,
-        "total_tokens": output.num_prompt_tokens + output.num_generated_tokens,
-    }
-
-
-def check_not_aborted(output: RequestOutput) -> None:
-    """An engine-side abort (shutdown, lost replica) is an error for the client, not a finish reason."""
-    if output.finish_reason == "abort":
-        raise ServiceUnavailableError(
-            "generation was aborted by the server (replica shutting down); retry the request",
-            code="aborted",
-        )
-
-
-def completion_body(
-    request_id: str, model: str, created: int, text: str, last: RequestOutput
-) -> dict[str, Any]:
-    """The non-streaming `chat.completion` response."""
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": last.finish_reason,
-            }
-        ],
-        "usage": usage_dict(last),
-    }
-
-
-class ChunkWriter:
-    """Builds the SSE events of one streamed completion.
-
-    Sequence: a role chunk, content chunks, the last choice chunk carrying `finish_reason` (and
-    only that one carries it), an optional usage chunk (`stream_options.include_usage`, empty
-    `choices`), then `data: [DONE]`.
-    """
-
-    def __init__(self, request_id: str, model: str, *, include_usage: bool, created: int | None = None):
-        self.request_id = request_id
-        self.model = model
-        self.include_usage = include_usage
-        self.created = int(time.time()) if created is None else created
-
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> str:
-        chunk: dict[str, Any] = {
-            "id": self.request_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None
-        return sse_event(chunk)
-
-    def role(self) -> str:
-        return self._chunk({"role": "assistant", "content": ""}, None)
-
-    def delta(self, output: RequestOutput) -> str:
-        """Events for one engine delta ('' when there is nothing to send yet)."""
-        check_not_aborted(output)
-        if output.finish_reason is not None:
-            delta = {"content": output.new_text} if output.new_text else {}
-            return self._chunk(delta, output.finish_reason) + self._usage(output)
-        return self._chunk({"content": output.new_text}, None) if output.new_text else ""
-
-    def _usage(self, last: RequestOutput) -> str:
-        if not self.include_usage:
-            return ""
-        return sse_event(
-            {
-                "id": self.request_id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": usage_dict(last),
-            }
-        )
-
-    @staticmethod
-    def error(error: CogVLMError) -> str:
-        """An error event mid-stream (headers are already sent, so the status stays 200), then DONE."""
-        return sse_event(error.to_dict()) + SSE_DONE
-
-
-def sse_event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"

@@ -60,6 +60,12 @@ class PreprocessorDeployment:
     async def prepare(self, conversation: Any, max_tokens: int, template_version: str | None) -> Any:
         return await self.server.prepare(conversation, max_tokens, template_version)
 
+    async def tokenize(self, job: Any) -> Any:
+        return await self.server.tokenize(job)
+
+    async def detokenize(self, token_ids: list[int]) -> Any:
+        return await self.server.detokenize(token_ids)
+
 
 @serve.deployment(
     name=MODEL_SERVER,
@@ -80,6 +86,7 @@ class ModelDeployment:
             metrics=_metrics(args),
             shutdown_timeout_s=args.shutdown_timeout_s,
             stream_interval_s=args.stream_interval_s,
+            model_name=args.model_name,
         )
         await self.server.start()
 
@@ -119,7 +126,9 @@ class IngressDeployment:
             api_key=api_key,
             max_request_bytes=args.max_request_bytes,
             request_timeout_s=args.request_timeout_s,
-            defaults=args.chat_defaults,
+            defaults=_chat_defaults(args),
+            max_n=args.engine.max_n,
+            echo_request_id=False,  # Ray Serve's proxy adds the x-request-id response header
             playground=args.playground,
         )
         app_name = serve.get_replica_context().app_name
@@ -136,6 +145,17 @@ class IngressDeployment:
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.backend, self.settings, self.metrics)
+
+
+def _chat_defaults(args: AppArgs) -> Any:
+    """Request defaults, with the checkpoint's generation_config.json (args' own if unreadable)."""
+    try:
+        return args.chat_defaults_for(args.model_dir(weights=False))
+    except Exception:
+        logger.warning(
+            "could not read the checkpoint's generation config; using the args' defaults", exc_info=True
+        )
+        return args.chat_defaults
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
