@@ -154,8 +154,11 @@ class ChunkWriter:
             chunk["usage"] = self.usage.as_dict() if self.continuous_usage else None
         return sse_event(chunk)
 
-    def role(self) -> str:
-        """The first chunk of every choice."""
+    def role(self, first: RequestOutput | None = None) -> str:
+        """The first chunk of every choice (`first`, the first delta, gives the prompt's usage)."""
+        if first is not None:
+            self.usage.num_prompt_tokens = first.num_prompt_tokens
+            self.usage.num_cached_tokens = first.num_cached_tokens
         return "".join(
             self._chunk(i, {"role": "assistant", "content": ""}, None) for i in range(self.num_choices)
         )

@@ -26,6 +26,7 @@ from cogvlm_ray.serve.args import METRICS_DIR_ENV, AppArgs, parse_args
 from cogvlm_ray.serve.backend import RayChatBackend
 from cogvlm_ray.serve.factories import load_engine, make_preprocessor
 from cogvlm_ray.serve.ingress import IngressSettings, create_app
+from cogvlm_ray.serve.logs import use_serve_handlers
 from cogvlm_ray.serve.metrics import cleanup_dead_processes, get_metrics
 from cogvlm_ray.serve.model_source import is_tiny_random
 from cogvlm_ray.serve.router import ROUTER_CLASS_PATH
@@ -52,6 +53,7 @@ class PreprocessorDeployment:
     """CPU: Conversation -> PreparedPrompt (tokenizer and config loaded once per replica)."""
 
     def __init__(self, raw_args: dict[str, Any]):
+        use_serve_handlers()
         args = AppArgs.model_validate(raw_args)
         self.server = PreprocessServer(
             make_preprocessor(args, args.model_dir(weights=False)), metrics=_metrics(args)
@@ -79,6 +81,7 @@ class ModelDeployment:
     """GPU (or CPU): one continuous-batching engine per replica."""
 
     async def __init__(self, raw_args: dict[str, Any]):
+        use_serve_handlers()
         args = AppArgs.model_validate(raw_args)
         model_dir = args.model_dir()
         self.server = ModelServer(
@@ -117,6 +120,7 @@ class IngressDeployment:
     """CPU: the OpenAI HTTP API (FastAPI, built in `__serve_build_asgi_app__`)."""
 
     def __init__(self, raw_args: dict[str, Any], preprocessor: Any, model: Any):
+        use_serve_handlers()
         args = AppArgs.model_validate(raw_args)
         api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
         self.settings = IngressSettings(

@@ -353,7 +353,7 @@ async def _sse_events(
     `[DONE]` never looks like a disconnect."""
     complete = False
     try:
-        yield writer.role()
+        yield writer.role(first)
         output = first
         yield writer.delta(output)
         while not writer.is_complete:

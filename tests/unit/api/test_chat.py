@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from cogvlm_ray.api import chat
-from cogvlm_ray.api.responses import SSE_DONE, ChunkWriter, CompletionBuilder
 from cogvlm_ray.api.protocol import MAX_MESSAGES, MAX_STOP_STRINGS, ChatCompletionRequest
+from cogvlm_ray.api.responses import SSE_DONE, ChunkWriter, CompletionBuilder
 from cogvlm_ray.contracts import RequestOutput
 from cogvlm_ray.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from cogvlm_ray.preprocess.messages import Conversation
