@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -116,10 +117,8 @@ def _count_499(app) -> str:
         return {"type": "http.request"}
 
     async def run():
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await middleware({"type": "http", "headers": []}, receive, send)
-        except asyncio.CancelledError:
-            pass
 
     asyncio.run(run())
     return metrics.render()[0].decode()
