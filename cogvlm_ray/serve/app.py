@@ -152,7 +152,10 @@ class IngressDeployment:
 
 
 def _chat_defaults(args: AppArgs) -> Any:
-    """Request defaults, with the checkpoint's generation_config.json (args' own if unreadable)."""
+    """Request defaults, with the checkpoint's generation_config.json (args' own if unreadable).
+    Tiny-random checkpoints have no sampling values, so the ingress does not build one."""
+    if is_tiny_random(args.model):
+        return args.chat_defaults
     try:
         return args.chat_defaults_for(args.model_dir(weights=False))
     except Exception:
