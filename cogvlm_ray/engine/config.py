@@ -40,6 +40,12 @@ class EngineConfig:
     attention_backend: str = "auto"
     """"auto" (Triton kernels on CUDA when triton imports, SDPA elsewhere), "sdpa", "triton"
     (CUDA, or CPU under TRITON_INTERPRET=1 for tests) or "reference" (plain torch)."""
+    enforce_eager: bool = False
+    """Run decode steps eagerly; otherwise, on CUDA with a graph-safe attention backend, they
+    replay CUDA graphs captured at start for padded batch sizes (`cuda_graphs.py`)."""
+    max_images_per_step: int = 2
+    """Encoder budget: prompts whose chunk needs the vision tower (image-feature cache misses)
+    admitted per step, so one step never stalls every stream on many images."""
 
     def validate(self) -> None:
         """Raise ValueError for settings the engine cannot run with."""
@@ -63,6 +69,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
+        if self.max_images_per_step < 1:
+            raise ValueError("max_images_per_step must be >= 1")
         if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, got {self.attention_backend!r}"

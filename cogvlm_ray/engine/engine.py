@@ -26,6 +26,7 @@ from typing import Any
 
 from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams, check_context_window
 from cogvlm_ray.engine.config import EngineConfig, resolve_attention_backend
+from cogvlm_ray.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, DecodeGraphRunner, cuda_graphs_unavailable
 from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.kv_cache import BlockManager, allocate_kv_caches, num_kv_blocks_for
 from cogvlm_ray.engine.outputs import OutputProcessor
@@ -43,6 +44,25 @@ from cogvlm_ray.errors import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def decode_graph_mode(config: EngineConfig, attention_backend: str, kv_caches: list) -> str:
+    """How decode steps run: `capture` (CUDA graphs) or `off` (eager; the reason is logged).
+
+    Tests force `padded`: the graph path's buffers and padding, run eagerly without capture.
+    """
+    devices = {cache.device for pair in kv_caches for cache in pair}
+    why_not = cuda_graphs_unavailable(config.enforce_eager, devices, attention_backend)
+    if why_not is not None:
+        logger.info("CUDA graphs off: %s", why_not)
+        return "off"
+    return "capture"
+
+
+def attention_backend_of(model: Any) -> str:
+    """The attention backend the model's decoder layers run ("?" for a model without layers)."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    return getattr(layers[0].self_attn, "attention_backend", "?") if len(layers) else "?"
 
 
 class Engine:
@@ -69,12 +89,17 @@ class Engine:
             config, layout, model_config.num_key_value_heads, model_config.head_dim,
             reserved_bytes={image_device: config.image_cache_bytes},
         )  # fmt: skip
+        # One block more than the block manager hands out: the scratch block, where the padding
+        # rows of a CUDA-graph decode batch write their K/V (`cuda_graphs.py`).
         kv_caches = allocate_kv_caches(
-            layout, num_blocks, config.block_size, model_config.num_key_value_heads, model_config.head_dim
+            layout, num_blocks + 1, config.block_size, model_config.num_key_value_heads, model_config.head_dim
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, self.max_model_len)
         self.image_cache = ImageFeatureCache(config.image_cache_bytes)
+        self.scheduler = Scheduler(
+            config, self.block_manager, self.eos_token_ids, self.max_model_len,
+            is_image_cached=self.image_cache.__contains__,
+        )  # fmt: skip
         self.attention_backend = resolve_attention_backend(config.attention_backend, image_device.type)
         if hasattr(model, "set_attention_backend"):
             model.set_attention_backend(self.attention_backend)
@@ -84,9 +109,11 @@ class Engine:
             max_model_len=self.max_model_len,
         )  # fmt: skip
         self.outputs = OutputProcessor(tokenizer)
+        self.use_cuda_graphs = self._setup_decode_graphs(model, kv_caches, scratch_block=num_blocks)
         logger.info(
-            "engine ready: %d KV blocks x %d tokens, max_model_len %d, eos ids %s, attention %s",
+            "engine ready: %d KV blocks x %d tokens, max_model_len %d, eos ids %s, attention %s, CUDA graphs %s",
             num_blocks, config.block_size, self.max_model_len, self.eos_token_ids, self.attention_backend,
+            self.use_cuda_graphs,
         )  # fmt: skip
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogvlm-engine")
@@ -97,6 +124,23 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._stats = EngineStats()
+
+    def _setup_decode_graphs(self, model: Any, kv_caches: list, scratch_block: int) -> bool:
+        """Give the runner a `DecodeGraphRunner` and capture its graphs where they can run; returns
+        `use_cuda_graphs`. `decode_graph_mode` decides (tests force the uncaptured padded path)."""
+        backend = attention_backend_of(model)
+        mode = decode_graph_mode(self.config, backend, kv_caches)
+        if mode == "off":
+            return False
+        graphs = DecodeGraphRunner(
+            model, kv_caches, block_size=self.config.block_size, max_num_seqs=self.config.max_num_seqs,
+            max_blocks_per_seq=-(-self.max_model_len // self.config.block_size),
+            scratch_block=scratch_block, capture=mode == "capture",
+            graph_safe=backend in GRAPH_SAFE_BACKENDS,
+        )  # fmt: skip
+        graphs.capture()
+        self.runner.decode_graphs = graphs
+        return graphs.num_graphs > 0
 
     @property
     def kv_capacity_tokens(self) -> int:

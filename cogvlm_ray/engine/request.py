@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cogvlm_ray.contracts import FinishReason, SamplingParams
+from cogvlm_ray.contracts import VISION_TOKEN_TYPE, FinishReason, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -58,6 +58,15 @@ class Request:
     prefill_leader: Request | None = None
     """Choices 1..n-1 wait for choice 0 to compute the prompt, then reuse its cached blocks;
     cleared at admission."""
+
+    image_span: tuple[int, int] | None = field(init=False, default=None)
+    """[first, end) prompt positions of the image (boi, patches, eoi); None for a text prompt."""
+
+    def __post_init__(self) -> None:
+        if self.image is not None:
+            vision = [i for i, t in enumerate(self.token_type_ids) if t == VISION_TOKEN_TYPE]
+            if vision:
+                self.image_span = (vision[0], vision[-1] + 1)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -11,6 +11,10 @@ It never decides who runs. Given a `SchedulerOutput` it
 4. computes logits only for the last token of sequences that complete all their known tokens
    and samples one id for each.
 
+A decode-only step (every sequence adds one generated token) goes to `decode_graphs` when the
+engine set one (`cuda_graphs.py`: static buffers, padding to a batch-size bucket, CUDA-graph
+replay); any step with a prefill chunk runs eagerly as above.
+
 Per request it keeps the prompt's positions and masks (computed once over the whole prompt,
 as chunked prefill requires) and the image features until the prompt is prefilled.
 """
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from cogvlm_ray.contracts import VISION_TOKEN_TYPE
+from cogvlm_ray.engine.cuda_graphs import DecodeGraphRunner
 from cogvlm_ray.engine.image_cache import ImageFeatureCache
 from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.sampler import Sampler, SamplingRow
@@ -102,6 +107,8 @@ class ModelRunner:
         self.buffers = StepBuffers(
             max_num_batched_tokens, max_num_seqs, -(-max_model_len // block_size), self.device
         )
+        self.decode_graphs: DecodeGraphRunner | None = None
+        """Set by the engine where decode steps run padded (and, on CUDA, as graph replays)."""
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's state (layout, generator, token counts)."""
@@ -129,6 +136,8 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return RunnerOutput()
+        if self._is_graph_decode(scheduled):
+            return self._run_decode_graph(scheduled)
         image_cache_hits = self._load_image_features(scheduled)
         inputs = self._prepare_inputs(scheduled)
         staged = inputs.staged
@@ -145,10 +154,18 @@ class ModelRunner:
         # Logits only for the last token of sequences that now have all their tokens computed.
         if not inputs.sampled:
             return RunnerOutput(image_cache_hits=image_cache_hits)
-        logits = self.model.compute_logits(hidden.index_select(0, staged.sample_rows.to(hidden.device)))
-        sampling = [scheduled[b] for b in inputs.sampled]  # logits: [B_sampled, V] float32
-        sampled = self.sampler.sample(logits, [self._sampling_row(item.request) for item in sampling])
-        request_ids = [item.request.request_id for item in sampling]
+        sample_rows = staged.sample_rows.to(hidden.device)
+        return self._sample(
+            [scheduled[b] for b in inputs.sampled], hidden.index_select(0, sample_rows), image_cache_hits
+        )
+
+    def _sample(
+        self, items: list[ScheduledRequest], hidden: torch.Tensor, image_cache_hits: dict[str, bool]
+    ) -> RunnerOutput:
+        """One new token for each of `items` from its last hidden state (`hidden` `[len(items), H]`)."""
+        logits = self.model.compute_logits(hidden)  # [B_sampled, V] float32
+        sampled = self.sampler.sample(logits, [self._sampling_row(item.request) for item in items])
+        request_ids = [item.request.request_id for item in items]
         return RunnerOutput(
             dict(zip(request_ids, sampled.token_ids, strict=True)),
             image_cache_hits,
@@ -278,3 +295,34 @@ class ModelRunner:
                 self._state(request).image_features = row
         logger.debug("vision tower ran on %d new image(s)", len(misses))
         return hits
+
+    def _is_graph_decode(self, scheduled: list[ScheduledRequest]) -> bool:
+        """A decode-only step (one generated token per sequence) that the graph runner can hold."""
+        graphs = self.decode_graphs
+        if graphs is None:
+            return False
+        if not all(
+            item.samples
+            and item.num_new_tokens == 1
+            and item.num_computed_tokens >= item.request.num_prompt_tokens
+            for item in scheduled
+        ):
+            return False
+        return graphs.fits(len(scheduled), [item.block_table for item in scheduled])
+
+    def _run_decode_graph(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
+        """A decode-only step through the graph runner (padded, static buffers); every row samples."""
+        assert self.decode_graphs is not None
+        token_ids, positions = [], []
+        for item in scheduled:
+            request, start = item.request, item.num_computed_tokens
+            token_ids.append(request.output_token_ids[start - request.num_prompt_tokens])
+            # generated tokens are language; their positions continue after the prompt's last one
+            positions.append(self._state(request).last_position + 1 + start - request.num_prompt_tokens)
+        hidden = self.decode_graphs.run(
+            token_ids,
+            positions,
+            [item.num_computed_tokens for item in scheduled],
+            [item.block_table for item in scheduled],
+        )  # [B, H]
+        return self._sample(scheduled, hidden, {})

@@ -16,7 +16,12 @@ Policy (one step, token budget `max_num_batched_tokens`):
    (`num_waiting_for_kv`). With prefix caching, full prompt blocks already computed for the
    same prefix are adopted at admission and the request starts at `num_computed_tokens` > 0.
 With chunked prefill a long (image) prompt takes whatever budget is left after the decodes,
-so running streams keep producing a token every step. (A request only joins `running` when the
+so running streams keep producing a token every step. The encoder budget
+(`max_images_per_step`) bounds the chunks per step that need the vision tower: the first chunk
+of an admission that touches its image, or a running request's chunk that reaches its image's
+first position, when the image's features are not in the image-feature cache (the same image
+twice in one step counts once). When the budget is spent, admission stops for this step (FCFS)
+and such a running chunk waits; decodes are never held back. (A request only joins `running` when the
 budget still has room for it after the requests ahead of it, and a preempted one rejoins at
 the end, so a request still prefilling never sits before one that decodes: walking `running`
 in order serves every decode first.)
@@ -27,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cogvlm_ray.contracts import FinishReason, TokenLogprob
@@ -109,8 +115,12 @@ class Scheduler:
         block_manager: BlockManager,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
+        is_image_cached: Callable[[str], bool] | None = None,
     ) -> None:
+        """`is_image_cached(image_hash)`: whether the vision features of that image are cached
+        (the engine passes its image-feature cache's membership test; it counts no query)."""
         self.config = config
+        self._is_image_cached = is_image_cached
         self.block_manager = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
@@ -164,6 +174,7 @@ class Scheduler:
         chunked = self.config.enable_chunked_prefill
         bm = self.block_manager
 
+        tower_images: set[str] = set()  # images this step sends through the vision tower
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -172,6 +183,10 @@ class Scheduler:
                 index += 1  # an unchunked prefill waits for a step with room for all of it
                 continue
             num_new = min(num_new, budget)
+            start = request.num_computed_tokens
+            if not self._take_encoder_budget(request, start, start + num_new, tower_images, admitted=False):
+                index += 1  # its image waits for a step with encoder budget
+                continue
             needed = bm.num_missing_blocks(request.request_id, request.num_computed_tokens + num_new)
             while not bm.can_allocate(needed) and self.running[-1] is not request:
                 out.preempted_request_ids.append(self._preempt(self.running[-1]))
@@ -200,6 +215,10 @@ class Scheduler:
             ):
                 self.num_waiting_for_kv = len(self.waiting)
                 break
+            start = len(prefix) * bm.block_size
+            end = min(request.num_tokens, start + budget) if chunked else request.num_tokens
+            if not self._take_encoder_budget(request, start, end, tower_images, admitted=True):
+                break
             self.waiting.popleft()
             request.prefill_leader = None
             bm.allocate(request.request_id, request.num_tokens, prefix)
@@ -214,6 +233,31 @@ class Scheduler:
             self._schedule(out, request, num_new)
             budget -= num_new
         return out
+
+    def _take_encoder_budget(
+        self, request: Request, start: int, end: int, tower_images: set[str], *, admitted: bool
+    ) -> bool:
+        """Whether the chunk [start, end) fits this step's encoder budget (taking its share if needed).
+
+        The chunk needs the vision tower when it touches its image (`admitted`: the request's
+        first chunk since admission) or reaches the image's first position (a running request:
+        a later part of the image reuses the features the runner kept), and the image's
+        features are not cached. `tower_images` holds the images already sent this step.
+        """
+        span = request.image_span
+        if span is None or request.image_hash is None:
+            return True
+        first, last = span
+        touches = start < last and end > first if admitted else start <= first < end
+        if not touches:
+            return True
+        image = request.image_hash
+        if image in tower_images or (self._is_image_cached is not None and self._is_image_cached(image)):
+            return True
+        if len(tower_images) >= self.config.max_images_per_step:
+            return False
+        tower_images.add(image)
+        return True
 
     def _cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks to adopt at admission; at least one token is always left to compute."""

@@ -66,7 +66,7 @@ def test_fixture_images_match_the_official_pixels(cases):
 
 def test_greedy_batch_matches_the_official_tokens(model, tokenizer, cases):
     async def main():
-        engine = make_engine(model, tokenizer)
+        engine = make_engine(model, tokenizer, max_images_per_step=3)  # all three images in step 1
         params = SamplingParams(max_tokens=12, **GREEDY)
         streams = [engine.add_request(cases[name][0], params, name) for name in CASES]
         results = await asyncio.gather(*(collect(s) for s in streams))
