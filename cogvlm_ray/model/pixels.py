@@ -8,9 +8,13 @@ preprocessing replica (`preprocess/images.py`, no torch).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from PIL import Image
+
+if TYPE_CHECKING:  # Pillow is imported where the reference transform runs: the engine needs no Pillow
+    from PIL import Image
 
 #: OpenAI CLIP statistics used by the official transform.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -54,6 +58,8 @@ def official_pixel_values(rgb: Image.Image, image_size: int) -> torch.Tensor:
 
     Used by tests and the benchmark as the baseline we must match bit for bit.
     """
+    from PIL import Image
+
     resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)  # Resize (PIL input)
     x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()  # ToTensor: [3, S, S]
     x = x.to(torch.float32).div(255)
