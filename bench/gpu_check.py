@@ -46,7 +46,9 @@ from bench.gpu_check_parts import (
     EarlyStop,
     ResultsFile,
     SyncWarningCounter,
+    device_description,
     image_prompt,
+    memory_report,
     peak_bandwidth_for,
     random_image,
     sdpa_backend_chosen,
@@ -286,29 +288,6 @@ def derived_figures(
                         row["output_tokens_per_s"] / naive[kind]["output_tokens_per_s"]
                     )
     return out
-
-
-def memory_report(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return {
-            "allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-            "reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
-            "device_used_gib": (total - free) / 2**30,
-            "device_total_gib": total / 2**30,
-        }
-    status = Path("/proc/self/status").read_text().splitlines()
-    kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
-    return {"rss_gib": kib.get("VmRSS", 0) / 2**20, "peak_rss_gib": kib.get("VmHWM", 0) / 2**20}
-
-
-def device_description(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return {"name": props.name, "memory_gib": props.total_memory / 2**30, "torch": torch.__version__,
-                "cuda": torch.version.cuda}  # fmt: skip
-    return {"name": f"CPU ({torch.get_num_threads()} threads)", "torch": torch.__version__}
 
 
 def build_parser() -> argparse.ArgumentParser:

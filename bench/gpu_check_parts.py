@@ -203,3 +203,26 @@ class SyncWarningCounter:
             "sync_warnings_per_step": self.count / max(num_steps, 1),
             "top_sites": dict(self.sites.most_common(8)),
         }
+
+
+def memory_report(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {
+            "allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
+            "device_used_gib": (total - free) / 2**30,
+            "device_total_gib": total / 2**30,
+        }
+    status = Path("/proc/self/status").read_text().splitlines()
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
+    return {"rss_gib": kib.get("VmRSS", 0) / 2**20, "peak_rss_gib": kib.get("VmHWM", 0) / 2**20}
+
+
+def device_description(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"name": props.name, "memory_gib": props.total_memory / 2**30, "torch": torch.__version__,
+                "cuda": torch.version.cuda}  # fmt: skip
+    return {"name": f"CPU ({torch.get_num_threads()} threads)", "torch": torch.__version__}

@@ -149,11 +149,12 @@ def test_results_file_is_rewritten_after_every_figure_and_early_stop_is_recorded
         raise AssertionError("SIGTERM did not stop the run")
 
     monkeypatch.setattr(gpu_check, "run", measured_then_killed)
+    before = signal.getsignal(signal.SIGTERM)  # Ray, if a suite started it, installs its own
     assert gpu_check.main(["--device", "cpu", "--tiny", "--output", str(path)]) == 1
     doc = json.loads(path.read_text())
     assert doc["complete"] is False and doc["stopped_early"] == "SIGTERM"
     assert doc["model"] == {"num_parameters": 1} and doc["total_s"] >= 0
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is removed afterwards
 
 
 def test_dry_run_without_ray_fastapi_pydantic_or_pillow(tmp_path):
