@@ -40,6 +40,14 @@ class EngineConfig:
     attention_backend: str = "auto"
     """"auto" (Triton kernels on CUDA when triton imports, SDPA elsewhere), "sdpa", "triton"
     (CUDA, or CPU under TRITON_INTERPRET=1 for tests) or "reference" (plain torch)."""
+    max_cached_grammars: int = 64
+    """Structured output: compiled grammars kept (LRU), one per distinct schema / regex / choice."""
+    grammar_compile_timeout_s: float = 10.0
+    """A request whose grammar takes longer to compile gets a 400 (the compile finishes off-loop)."""
+    max_grammar_spec_chars: int = 64 * 1024
+    """Largest schema / regex / choice list accepted (characters of its canonical JSON text)."""
+    max_grammar_bytes: int = 64 << 20
+    """Largest compiled grammar accepted (bytes)."""
 
     def validate(self) -> None:
         """Raise ValueError for settings the engine cannot run with."""
@@ -67,6 +75,11 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, got {self.attention_backend!r}"
             )
+
+        if self.max_cached_grammars < 1:
+            raise ValueError("max_cached_grammars must be >= 1")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError("grammar_compile_timeout_s must be > 0")
 
 
 def resolve_attention_backend(name: str, device_type: str) -> str:
