@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from cogvlm_ray.contracts import StructuredOutputSpec
+from cogvlm_ray.engine.structured.schema_subset import check_supported
 from cogvlm_ray.errors import GrammarError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class XGrammarBackend:
             schema = json.loads(spec.value)
             if not isinstance(schema, (dict, bool)):
                 raise GrammarError("a JSON schema must be an object", param=_PARAMS[spec.kind])
+            check_supported(schema, param=_PARAMS[spec.kind])
             return grammar_cls.from_json_schema(spec.value, any_whitespace=False, strict_mode=True)
         if spec.kind == "regex":
             return grammar_cls.from_regex(spec.value)
