@@ -275,3 +275,23 @@ def test_supported_keywords_compile(backend):
         "required": ["then"],
     }
     assert backend.compile(schema_spec(schema)) is not None
+
+
+def test_auto_tool_grammar_is_free_text_until_the_tag_opens(backend, tokenizer):
+    from cogvlm_ray.api.structured import structured_request
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+        },
+    }
+    spec = structured_request(tools=[tool], tool_choice="auto").spec
+    assert accepts(backend, tokenizer, spec, "Any text at all, even {broken json.")
+    call = '<tool_call>{"name": "lookup", "arguments": {"q": "cats"}}</tool_call>'
+    assert accepts(backend, tokenizer, spec, "Let me look. " + call)
+    assert not accepts(backend, tokenizer, spec, 'Let me look. <tool_call>{"name": "other"', complete=False)
+    assert not accepts(
+        backend, tokenizer, spec, '<tool_call>{"name": "lookup", "arguments": {}}', complete=False
+    )
