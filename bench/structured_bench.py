@@ -110,7 +110,22 @@ async def run(args: argparse.Namespace) -> dict:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=args.batch, max_kv_tokens=1 << 16))
     engine._bench_timer = GrammarTimer(engine)  # type: ignore[attr-defined]
-    words = "Read the receipt and answer in JSON with the shop name and the total".split()
+    words = [
+        "Read",
+        "the",
+        "receipt",
+        "and",
+        "answer",
+        "in",
+        "JSON",
+        "with",
+        "the",
+        "shop",
+        "name",
+        "and",
+        "the",
+        "total",
+    ]
     prompts = [
         PreparedPrompt(ids, [0] * len(ids), None, None)
         for ids in (

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cogvlm_ray.contracts import StructuredOutputSpec
-from cogvlm_ray.engine.structured.schema_subset import check_supported
+from cogvlm_ray.engine.structured.schema_subset import check_supported, rewrite_for_grammar
 from cogvlm_ray.errors import InvalidRequestError
 
 TOOL_CALL_BEGIN = "<tool_call>"
@@ -173,7 +173,9 @@ def tool_spec(
             "begin": TOOL_CALL_BEGIN,
             "content": {
                 "type": "json_schema",
-                "json_schema": call_schema(functions),
+                "json_schema": rewrite_for_grammar(
+                    call_schema(functions)
+                ),  # engine rewrites json_schema specs only
                 "max_whitespace_cnt": 1,
             },
             "end": TOOL_CALL_END,

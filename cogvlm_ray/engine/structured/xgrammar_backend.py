@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from cogvlm_ray.contracts import StructuredOutputSpec
-from cogvlm_ray.engine.structured.schema_subset import check_supported
+from cogvlm_ray.engine.structured.schema_subset import check_supported, rewrite_for_grammar
 from cogvlm_ray.errors import GrammarError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ _PARAMS = {
 
 #: xgrammar 0.2.8 writes strings with minLength / maxLength as repeats of this class, which lets
 #: raw control characters (U+0000..U+001F) into a string: `json.loads(strict=True)` rejects those.
-#: Its plain-string rule uses the strict class; the compiled EBNF is patched to use it everywhere.
+#: Schemas are rewritten to avoid it; structural tags embed schemas unrewritten, so the compiled
+#: EBNF is also patched to use the strict class of xgrammar's plain-string rule.
 _LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
 _STRICT_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"
 
@@ -124,7 +125,9 @@ class XGrammarBackend:
             if not isinstance(schema, (dict, bool)):
                 raise GrammarError("a JSON schema must be an object", param=_PARAMS[spec.kind])
             check_supported(schema, param=_PARAMS[spec.kind])
-            return grammar_cls.from_json_schema(spec.value, any_whitespace=False, strict_mode=True)
+            return grammar_cls.from_json_schema(
+                json.dumps(rewrite_for_grammar(schema)), any_whitespace=False, strict_mode=True
+            )
         if spec.kind == "regex":
             return grammar_cls.from_regex(spec.value)
         if spec.kind == "choice":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import threading
 
@@ -22,6 +23,7 @@ from cogvlm_ray.engine.structured.bitmask import GrammarBitmask
 from cogvlm_ray.engine.structured.manager import StructuredOutputManager
 from cogvlm_ray.engine.structured.xgrammar_backend import XGrammarBackend
 from cogvlm_ray.errors import GrammarError, InvalidRequestError
+from cogvlm_ray.model.tiny_tokenizer import write_tokenizer
 
 VOCAB = 768
 EOS = (513, 521)
@@ -222,10 +224,10 @@ def test_compile_timeout_and_size_bounds_are_400s(backend):
 # ---- bitmask -----------------------------------------------------------------------------------
 
 
-def _unpack(row: torch.Tensor) -> torch.Tensor:
-    """int32 [W] bitmask row -> bool [W * 32] (bit j of word w = token 32 w + j)."""
+def _unpack(row: torch.Tensor, vocab: int = VOCAB) -> torch.Tensor:
+    """int32 [W] bitmask row -> bool [vocab] (bit j of word w = token 32 w + j)."""
     bits = (row.to(torch.int64).unsqueeze(-1) >> torch.arange(32)) & 1
-    return bits.flatten().bool()[:VOCAB]
+    return bits.flatten().bool()[:vocab]
 
 
 def test_bitmask_masks_constrained_rows_only(backend, tokenizer):
@@ -295,3 +297,31 @@ def test_auto_tool_grammar_is_free_text_until_the_tag_opens(backend, tokenizer):
     assert not accepts(
         backend, tokenizer, spec, '<tool_call>{"name": "lookup", "arguments": {}}', complete=False
     )
+
+
+@pytest.fixture(scope="module")
+def bench_backend(tmp_path_factory):
+    """The 4096-token tokenizer of the bench preset: it has the tokens ending inside a UTF-8
+    character that trip xgrammar's long repeats."""
+    directory = tmp_path_factory.mktemp("bench-tokenizer")
+    write_tokenizer(directory, 4096)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
+    return XGrammarBackend(tokenizer, 4096, (tokenizer.convert_tokens_to_ids("<|end_of_text|>"),))
+
+
+def test_long_length_bounds_keep_mask_and_matcher_in_agreement(bench_backend):
+    """xgrammar 0.2.8 length repeats above 128 allow tokens its matcher then rejects; the
+    rewrite to a pattern keeps every masked-in token acceptable (random walks of 60 tokens)."""
+    backend = bench_backend
+    spec = schema_spec(
+        {"type": "object", "properties": {"t": {"type": "string", "minLength": 1000}}, "required": ["t"]}
+    )
+    compiled = backend.compile(spec)
+    bitmask = backend.allocate_bitmask(1)
+    vocab = backend.vocab_size
+    for seed in range(12):
+        matcher, rng = backend.new_matcher(compiled), random.Random(seed)
+        for _ in range(60):
+            matcher.fill_bitmask(bitmask, 0)
+            token_id = rng.choice(torch.nonzero(_unpack(bitmask[0], vocab)).flatten().tolist())
+            assert matcher.accept_token(token_id) and not matcher.is_terminated(), (seed, token_id)
