@@ -66,6 +66,8 @@ class StructuredOutputSpec:
 
     kind: StructuredKind
     value: str = ""
+    param: str | None = field(default=None, compare=False)
+    """The request field it came from, named by errors (default: by kind)."""
 
     @property
     def cache_key(self) -> tuple[str, str]:

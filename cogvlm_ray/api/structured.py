@@ -10,8 +10,9 @@ Sources, at most one per request (two give a 400):
   but, once the model writes `<tool_call>`, forces a call and then `</tool_call>` (structural
   tag); "none" adds no constraint. How calls are parsed back and streamed: `api/tool_calls.py`.
 
-Only shapes are checked here (400s naming the field); the schema itself is checked and compiled
-by the engine (`engine/structured/`), whose errors are 400s too.
+Only shapes are checked here (400s naming the field); the schema itself is checked against the
+supported subset and compiled by the engine (`engine/structured/`), whose errors are 400s naming
+the field each spec came from (`StructuredOutputSpec.param`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cogvlm_ray.contracts import StructuredOutputSpec
-from cogvlm_ray.engine.structured.schema_subset import check_supported, rewrite_for_grammar
 from cogvlm_ray.errors import InvalidRequestError
 
 TOOL_CALL_BEGIN = "<tool_call>"
@@ -71,7 +71,9 @@ def response_format_spec(response_format: dict[str, Any] | None) -> StructuredOu
                 "response_format.json_schema.schema must be a JSON schema object",
                 "response_format.json_schema.schema",
             )
-        return StructuredOutputSpec("json_schema", canonical_json(schema))
+        return StructuredOutputSpec(
+            "json_schema", canonical_json(schema), "response_format.json_schema.schema"
+        )
     raise _invalid(
         f"response_format.type {kind!r} is not supported (use text, json_object or json_schema)",
         "response_format.type",
@@ -90,7 +92,7 @@ def guided_spec(
         schema = json.loads(guided_json) if isinstance(guided_json, str) else guided_json
         if not isinstance(schema, (dict, bool)):
             raise _invalid("guided_json must be a JSON schema object", "guided_json")
-        return StructuredOutputSpec("json_schema", canonical_json(schema))
+        return StructuredOutputSpec("json_schema", canonical_json(schema), "guided_json")
     if guided_regex is not None:
         if not guided_regex:
             raise _invalid("guided_regex must be a non-empty regular expression", "guided_regex")
@@ -129,9 +131,6 @@ def function_definitions(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"tools[{i}].function.parameters must be a JSON schema object",
                 f"tools[{i}].function.parameters",
             )
-        check_supported(
-            parameters, f"tools[{i}].function.parameters", param=f"tools[{i}].function.parameters"
-        )
         functions.append({**function, "parameters": parameters})
     return functions
 
@@ -173,9 +172,7 @@ def tool_spec(
             "begin": TOOL_CALL_BEGIN,
             "content": {
                 "type": "json_schema",
-                "json_schema": rewrite_for_grammar(
-                    call_schema(functions)
-                ),  # engine rewrites json_schema specs only
+                "json_schema": call_schema(functions),
                 "max_whitespace_cnt": 1,
             },
             "end": TOOL_CALL_END,
@@ -190,11 +187,11 @@ def tool_spec(
             },
         }
         return StructuredRequest(
-            StructuredOutputSpec("structural_tag", canonical_json(structural)), "auto", functions
+            StructuredOutputSpec("structural_tag", canonical_json(structural), "tools"), "auto", functions
         )
     else:
         raise _invalid("tool_choice must be 'none', 'auto', 'required' or a named function", "tool_choice")
-    spec = StructuredOutputSpec("json_schema", canonical_json(call_schema(chosen)))
+    spec = StructuredOutputSpec("json_schema", canonical_json(call_schema(chosen)), "tools")
     return StructuredRequest(spec, "forced", functions)
 
 

@@ -106,7 +106,7 @@ class XGrammarBackend:
             raise
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own types
             raise GrammarError(
-                f"invalid {spec.kind.replace('_', ' ')}: {clean_error(exc)}", param=_PARAMS[spec.kind]
+                f"invalid {spec.kind.replace('_', ' ')}: {clean_error(exc)}", param=_param(spec)
             ) from None
 
     def _compile(self, spec: StructuredOutputSpec) -> Any:
@@ -123,8 +123,8 @@ class XGrammarBackend:
         if spec.kind == "json_schema":
             schema = json.loads(spec.value)
             if not isinstance(schema, (dict, bool)):
-                raise GrammarError("a JSON schema must be an object", param=_PARAMS[spec.kind])
-            check_supported(schema, param=_PARAMS[spec.kind])
+                raise GrammarError("a JSON schema must be an object", param=_param(spec))
+            check_supported(schema, param=_param(spec))
             return grammar_cls.from_json_schema(
                 json.dumps(rewrite_for_grammar(schema)), any_whitespace=False, strict_mode=True
             )
@@ -133,7 +133,9 @@ class XGrammarBackend:
         if spec.kind == "choice":
             return grammar_cls.from_ebnf(choice_ebnf(json.loads(spec.value)))
         if spec.kind == "structural_tag":
-            return grammar_cls.from_structural_tag(spec.value)
+            tag = json.loads(spec.value)
+            _check_and_rewrite_tag_schemas(tag, _param(spec))
+            return grammar_cls.from_structural_tag(json.dumps(tag))
         raise GrammarError(f"unknown structured output kind {spec.kind!r}")
 
     def grammar_num_bytes(self, compiled: Any) -> int:
@@ -146,6 +148,23 @@ class XGrammarBackend:
 
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
         return self._xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+
+
+def _param(spec: StructuredOutputSpec) -> str:
+    return spec.param or _PARAMS[spec.kind]
+
+
+def _check_and_rewrite_tag_schemas(node: Any, param: str) -> None:
+    """Apply the JSON-schema subset check and rewrite to every schema inside a structural tag."""
+    if isinstance(node, dict):
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            check_supported(node["json_schema"], param=param)
+            node["json_schema"] = rewrite_for_grammar(node["json_schema"])
+        for value in node.values():
+            _check_and_rewrite_tag_schemas(value, param)
+    elif isinstance(node, list):
+        for value in node:
+            _check_and_rewrite_tag_schemas(value, param)
 
 
 def choice_ebnf(choices: list[str]) -> str:

@@ -325,3 +325,13 @@ def test_long_length_bounds_keep_mask_and_matcher_in_agreement(bench_backend):
             matcher.fill_bitmask(bitmask, 0)
             token_id = rng.choice(torch.nonzero(_unpack(bitmask[0], vocab)).flatten().tolist())
             assert matcher.accept_token(token_id) and not matcher.is_terminated(), (seed, token_id)
+
+
+def test_unsupported_tool_parameters_are_400s_naming_tools(backend):
+    from cogvlm_ray.api.structured import structured_request
+
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}
+    for choice in ("required", "auto"):
+        with pytest.raises(GrammarError, match=r"arguments\.not") as info:
+            backend.compile(structured_request(tools=[bad], tool_choice=choice).spec)
+        assert info.value.param == "tools"
