@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cogvlm_ray.api.protocol import ChatCompletionRequest, ChatMessage, TextPart
-from cogvlm_ray.contracts import RequestOutput, SamplingParams
+from cogvlm_ray.api.structured import StructuredRequest, ToolMode, structured_request
+from cogvlm_ray.api.tool_calls import ToolCallStreamer, parse_output, render_tool_messages
+from cogvlm_ray.contracts import RequestOutput, SamplingParams, StructuredOutputSpec
 from cogvlm_ray.errors import CogVLMError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from cogvlm_ray.preprocess.messages import Conversation, Turn, conversation_from_turns
 
@@ -63,17 +65,11 @@ def check_supported(request: ChatCompletionRequest) -> None:
             "frequency_penalty is not supported; use repetition_penalty",
         ),
         (bool(request.logit_bias), "logit_bias", "logit_bias is not supported"),
-        (bool(request.tools) or bool(request.functions), "tools", "tool / function calling is not supported"),
+        (bool(request.functions), "functions", "the legacy functions field is not supported; use tools"),
         (
-            request.tool_choice not in (None, "none"),
-            "tool_choice",
-            "tool / function calling is not supported",
-        ),
-        (request.function_call not in (None, "none"), "function_call", "function calling is not supported"),
-        (
-            request.response_format is not None and request.response_format.type != "text",
-            "response_format",
-            "only response_format type 'text' is supported",
+            request.function_call not in (None, "none"),
+            "function_call",
+            "the legacy function_call field is not supported; use tool_choice",
         ),
         (
             request.stream_options is not None and not request.stream,
@@ -107,17 +103,62 @@ def resolve_model_name(request: ChatCompletionRequest, served_model_names: Itera
     return request.model
 
 
-def to_conversation(request: ChatCompletionRequest) -> Conversation:
+def structured_output(request: ChatCompletionRequest) -> StructuredRequest:
+    """The request's output constraint (response_format / tools / guided_*), 400 on bad shapes."""
+    return structured_request(
+        response_format=request.response_format.model_dump(exclude_none=True)
+        if request.response_format
+        else None,
+        tools=request.tools,
+        tool_choice=request.tool_choice,
+        guided_json=request.guided_json,
+        guided_regex=request.guided_regex,
+        guided_choice=request.guided_choice,
+    )
+
+
+def to_conversation(
+    request: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
+) -> Conversation:
     """The typed conversation for the preprocessor ("developer" is a system message).
 
     The pydantic schema has already checked every message's shape; this applies the pairing
     rules once (`preprocess.messages.conversation_from_turns`), so nothing re-parses dicts.
+    Tools, assistant tool calls and `tool` results are first rendered into plain text turns
+    (`api/tool_calls.py`); a conversation without them takes the direct path.
     """
-    return conversation_from_turns(_turn(index, message) for index, message in enumerate(request.messages))
+    for index, message in enumerate(request.messages):
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequestError(
+                f"messages[{index}]: a tool message needs tool_call_id",
+                param=f"messages[{index}].tool_call_id",
+            )
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            raise InvalidRequestError(
+                f"messages[{index}].content is required (it may be null only for an assistant "
+                "message with tool_calls)",
+                param=f"messages[{index}].content",
+            )
+    if not tools and not any(m.role == "tool" or m.tool_calls for m in request.messages):
+        return conversation_from_turns(
+            _turn(index, message) for index, message in enumerate(request.messages)
+        )
+    dicts = [{**m.model_dump(exclude_none=True), "index": i} for i, m in enumerate(request.messages)]
+    rendered = render_tool_messages(dicts, tools or [])
+    return conversation_from_turns(
+        _turn(m.get("index", 0), ChatMessage.model_validate(_plain(m))) for m in rendered
+    )
+
+
+def _plain(message: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in message.items() if k in ("role", "content", "name")}
 
 
 def _turn(index: int, message: ChatMessage) -> Turn:
     role = "system" if message.role == "developer" else message.role
+    assert role != "tool", "tool messages are rendered as user text first"
+    if message.content is None:
+        return Turn(index, role, "")
     if isinstance(message.content, str):
         return Turn(index, role, message.content)
     texts = [part.text for part in message.content if isinstance(part, TextPart)]
@@ -125,7 +166,9 @@ def _turn(index: int, message: ChatMessage) -> Turn:
     return Turn(index, role, "\n".join(texts), urls)
 
 
-def to_sampling_params(request: ChatCompletionRequest, defaults: ChatDefaults) -> SamplingParams:
+def to_sampling_params(
+    request: ChatCompletionRequest, defaults: ChatDefaults, structured: StructuredOutputSpec | None = None
+) -> SamplingParams:
     """Engine sampling parameters. Ranges were checked by the schema; the one cross-field rule
     that depends on the server defaults (min_tokens <= max_tokens) is checked here."""
     max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_tokens
@@ -144,7 +187,13 @@ def to_sampling_params(request: ChatCompletionRequest, defaults: ChatDefaults) -
         stop_token_ids=tuple(request.stop_token_ids or ()),
         min_tokens=request.min_tokens,
         ignore_eos=request.ignore_eos,
+        structured=structured,
     )
+    if structured is not None and params.min_tokens:
+        raise InvalidRequestError(
+            "min_tokens cannot be combined with structured output (the grammar decides the end)",
+            param="min_tokens",
+        )
     if params.min_tokens > params.max_tokens:
         raise InvalidRequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
     return params
@@ -168,9 +217,17 @@ def check_not_aborted(output: RequestOutput) -> None:
 
 
 def completion_body(
-    request_id: str, model: str, created: int, text: str, last: RequestOutput
+    request_id: str, model: str, created: int, text: str, last: RequestOutput, tool_mode: ToolMode = "none"
 ) -> dict[str, Any]:
-    """The non-streaming `chat.completion` response."""
+    """The non-streaming `chat.completion` response (tool calls parsed out of the text)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish_reason = last.finish_reason
+    if tool_mode != "none":
+        parsed = parse_output(text, tool_mode, finish_reason)
+        message = {"role": "assistant", "content": parsed.content}
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.tool_calls
+        finish_reason = parsed.finish_reason
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -179,9 +236,9 @@ def completion_body(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": last.finish_reason,
+                "finish_reason": finish_reason,
             }
         ],
         "usage": usage_dict(last),
@@ -193,14 +250,24 @@ class ChunkWriter:
 
     Sequence: a role chunk, content chunks, the last choice chunk carrying `finish_reason` (and
     only that one carries it), an optional usage chunk (`stream_options.include_usage`, empty
-    `choices`), then `data: [DONE]`.
+    `choices`), then `data: [DONE]`. With tools, content and `tool_calls` deltas come from a
+    `ToolCallStreamer` (api/tool_calls.py).
     """
 
-    def __init__(self, request_id: str, model: str, *, include_usage: bool, created: int | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        *,
+        include_usage: bool,
+        created: int | None = None,
+        tool_mode: ToolMode = "none",
+    ):
         self.request_id = request_id
         self.model = model
         self.include_usage = include_usage
         self.created = int(time.time()) if created is None else created
+        self.tools = ToolCallStreamer(tool_mode) if tool_mode != "none" else None
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> str:
         chunk: dict[str, Any] = {
@@ -220,10 +287,22 @@ class ChunkWriter:
     def delta(self, output: RequestOutput) -> str:
         """Events for one engine delta ('' when there is nothing to send yet)."""
         check_not_aborted(output)
+        if self.tools is not None:
+            return self._tool_delta(output)
         if output.finish_reason is not None:
             delta = {"content": output.new_text} if output.new_text else {}
             return self._chunk(delta, output.finish_reason) + self._usage(output)
         return self._chunk({"content": output.new_text}, None) if output.new_text else ""
+
+    def _tool_delta(self, output: RequestOutput) -> str:
+        assert self.tools is not None
+        deltas = self.tools.feed(output.new_text) if output.new_text else []
+        events = "".join(self._chunk(d, None) for d in deltas)
+        if output.finish_reason is None:
+            return events
+        last, finish_reason = self.tools.finish(output.finish_reason)
+        events += "".join(self._chunk(d, None) for d in last)
+        return events + self._chunk({}, finish_reason) + self._usage(output)
 
     def _usage(self, last: RequestOutput) -> str:
         if not self.include_usage:

@@ -29,6 +29,9 @@ MAX_STOP_TOKEN_IDS = 16
 MAX_TOKENS_LIMIT = 1 << 20
 """Schema upper bound for max_tokens; the real limit is the context window (checked later, 400)."""
 MAX_MODEL_NAME_CHARS = 256
+MAX_TOOLS = 64
+MAX_TOOL_CALLS = 16
+MAX_GUIDED_CHOICES = 256
 
 
 class _Strict(BaseModel):
@@ -57,12 +60,18 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: (
         Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
         | Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_CONTENT_PARTS)]
+        | None
     )
+    """None only for an assistant message that carries `tool_calls` (checked in api/chat.py)."""
     name: Annotated[str, Field(max_length=64)] | None = None
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    """Assistant messages: the calls it made (rendered into the prompt, api/tool_calls.py)."""
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+    """Tool messages: which call this is the result of."""
 
 
 class StreamOptions(_Strict):
@@ -83,10 +92,11 @@ StopStrings = Annotated[
 class ChatCompletionRequest(_Strict):
     """The request body of `POST /v1/chat/completions`.
 
-    Supported: messages (text and image_url parts), model, max_tokens / max_completion_tokens,
-    temperature, top_p, top_k, min_tokens, repetition_penalty, seed, stop, stop_token_ids,
-    ignore_eos, stream, stream_options, template_version (CogVLM2's prompt template: base, chat
-    or vqa). The remaining fields exist so that a client asking for them gets a clear 400 from
+    Supported: messages (text and image_url parts; tool calls and tool results), model,
+    max_tokens / max_completion_tokens, temperature, top_p, top_k, min_tokens, repetition_penalty,
+    seed, stop, stop_token_ids, ignore_eos, stream, stream_options, template_version (CogVLM2's
+    prompt template: base, chat or vqa), and structured output: response_format (text,
+    json_object, json_schema), tools + tool_choice, guided_json / guided_regex / guided_choice. The remaining fields exist so that a client asking for them gets a clear 400 from
     `api/chat.py` instead of a silently different answer.
     """
 
@@ -119,9 +129,19 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     logit_bias: dict[str, float] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    """Accepted; at most one call is generated per response."""
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
+    # vLLM's structured-output extensions (api/structured.py).
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
+    guided_choice: (
+        Annotated[
+            list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]], Field(max_length=MAX_GUIDED_CHOICES)
+        ]
+        | None
+    ) = None

@@ -104,6 +104,7 @@ def render_tool_messages(
         if role == "assistant" and message.get("tool_calls"):
             text = _text(message.get("content"))
             message = {
+                "index": message.get("index", 0),
                 "role": "assistant",
                 "content": (text + " " if text else "") + _calls_text(message["tool_calls"]),
             }

@@ -239,13 +239,14 @@ def create_app(
             return _validation_error(e)
         chat.check_supported(body)
         model = chat.resolve_model_name(body, settings.served_model_names)
-        sampling_params = chat.to_sampling_params(body, settings.defaults)
+        structured = chat.structured_output(body)
+        sampling_params = chat.to_sampling_params(body, settings.defaults, structured.spec)
         request_id = chat.make_request_id()
         deadline = (
             None if settings.request_timeout_s is None else time.monotonic() + settings.request_timeout_s
         )
         stream = backend.generate(
-            chat.to_conversation(body), sampling_params, body.template_version, request_id
+            chat.to_conversation(body, structured.tools), sampling_params, body.template_version, request_id
         )
         outputs = stream.__aiter__()
         headers = {"X-Request-Id": request_id}
@@ -257,7 +258,9 @@ def create_app(
             _raise_as_api_error(e)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            writer = chat.ChunkWriter(request_id, model, include_usage=include_usage)
+            writer = chat.ChunkWriter(
+                request_id, model, include_usage=include_usage, tool_mode=structured.tool_mode
+            )
             events = _sse_events(writer, first, outputs, deadline, settings.request_timeout_s)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
@@ -273,7 +276,10 @@ def create_app(
         finally:
             await _close(outputs)
         return JSONResponse(
-            chat.completion_body(request_id, model, int(time.time()), "".join(parts), last), headers=headers
+            chat.completion_body(
+                request_id, model, int(time.time()), "".join(parts), last, structured.tool_mode
+            ),
+            headers=headers,
         )
 
     if settings.playground:
