@@ -13,7 +13,7 @@ decode steps of `Engine.step()` (forward, bitmask fill + apply, sampling, matche
 detokenization) after the prefill. Reported: median CPU ms per step of this process (all
 threads) and wall ms, tokens/s, and the constrained / unconstrained ratio. On a shared machine
 whole-step times move by several percent between rounds, so the grammar work itself (bitmask
-fill + apply in the runner, matcher advance in the engine) is also timed directly with
+fill in the runner, the sampler's bitmask op, matcher advance in the engine) is also timed directly with
 per-thread CPU clocks, and its share of the unconstrained step is reported.
 """
 
@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerFast
 
 from cogvlm_ray.contracts import PreparedPrompt, SamplingParams, StructuredOutputSpec
 from cogvlm_ray.engine import Engine, EngineConfig
+from cogvlm_ray.engine import sampler as sampler_module
 from cogvlm_ray.model import load_model
 from cogvlm_ray.model.tiny import make_tiny_checkpoint
 
@@ -46,13 +47,14 @@ SCHEMA = {
 
 
 class GrammarTimer:
-    """Wraps the two grammar call sites of a step and sums their per-thread CPU time."""
+    """Wraps the three grammar call sites of a step (bitmask fill in the runner, the sampler's
+    bitmask op, the matcher advance in the engine) and sums their per-thread CPU time."""
 
     def __init__(self, engine: Engine) -> None:
         self.seconds = 0.0
-        bitmask, advance = engine.runner.grammar_bitmask.apply, engine._advance_grammar
-        engine.runner.grammar_bitmask.apply = self._timed(bitmask)
-        engine._advance_grammar = self._timed(advance)
+        engine.runner.grammar_bitmask.fill = self._timed(engine.runner.grammar_bitmask.fill)
+        sampler_module.apply_token_bitmask = self._timed(sampler_module.apply_token_bitmask)
+        engine._advance_grammar = self._timed(engine._advance_grammar)
 
     def _timed(self, fn):
         def wrapper(*args, **kwargs):

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from cogvlm_ray.contracts import SamplingParams, StructuredOutputSpec
+from cogvlm_ray.engine.sampling_ops import NEG_INF, apply_token_bitmask
 from cogvlm_ray.engine.structured.bitmask import GrammarBitmask
 from cogvlm_ray.engine.structured.manager import StructuredOutputManager
 from cogvlm_ray.engine.structured.xgrammar_backend import XGrammarBackend
@@ -231,15 +232,19 @@ def _unpack(row: torch.Tensor, vocab: int = VOCAB) -> torch.Tensor:
 
 
 def test_bitmask_masks_constrained_rows_only(backend, tokenizer):
+    """The runner's fill + the sampler's hook: one masked row, the others untouched bit for bit."""
     matcher = backend.new_matcher(backend.compile(StructuredOutputSpec("choice", json.dumps(["yes", "no"]))))
     logits = torch.randn(3, VOCAB)
     before = logits.clone()
     bitmask = GrammarBitmask(VOCAB)
-    assert bitmask.apply(logits, [None, None, None]) is None and torch.equal(logits, before)
-    host = bitmask.apply(logits, [None, matcher, None])
-    assert host is not None
+    assert bitmask.fill([None, None, None], logits.device) is None and bitmask.num_filled_steps == 0
+    filled = bitmask.fill([None, matcher, None], logits.device)
+    assert filled is not None
+    host, row_index = filled
+    assert row_index.tolist() == [1] and host.shape == (3, (VOCAB + 31) // 32)
+    apply_token_bitmask(logits, host, row_index)
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
-    allowed = torch.isfinite(logits[1])
+    allowed = logits[1] > NEG_INF
     assert torch.equal(allowed, _unpack(host[1]))
     first_tokens = {tokenizer.encode(w, add_special_tokens=False)[0] for w in ("yes", "no")}
     assert set(torch.nonzero(allowed).flatten().tolist()) >= first_tokens

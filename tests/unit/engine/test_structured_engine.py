@@ -213,13 +213,13 @@ def test_mixed_batch_leaves_unconstrained_outputs_unchanged(model, tokenizer, pr
     assert ids(mixed[1]) == ids(alone[0]) and ids(mixed[3]) == ids(alone[1])
     for text, _ in (mixed[0], mixed[2], mixed[4]):
         jsonschema.validate(json.loads(text, strict=True), SCHEMAS["enums"])
-    assert engine.runner.grammar_bitmask.num_applied_steps > 0
+    assert engine.runner.grammar_bitmask.num_filled_steps > 0
 
 
 def test_unconstrained_requests_never_touch_the_grammar_layer(model, tokenizer, prompt):
     engine = make_engine(model, tokenizer)
     generate(engine, prompt, [sampled(None, s, max_tokens=8) for s in range(3)])
-    assert engine.runner.grammar_bitmask.num_applied_steps == 0
+    assert engine.runner.grammar_bitmask.num_filled_steps == 0
     assert engine.structured._backend is None  # xgrammar was never even set up
 
 
