@@ -330,3 +330,23 @@ def test_compile_timeout_is_a_400(model, tokenizer, prompt):
         await engine.shutdown()
 
     run(main())
+
+
+def test_each_choice_of_an_n_request_follows_its_own_matcher(model, tokenizer, prompt):
+    engine = make_engine(model, tokenizer)
+    gate = gate_compiles(engine)  # the choices wait for the grammar together, then all run
+    gate.gate.set()
+    params = sampled(schema_spec(SCHEMAS["string_patterns"]), 11, n=3)
+
+    async def main():
+        outputs = [o async for o in engine.add_request(prompt, params, "group")]
+        await engine.shutdown()
+        return outputs
+
+    outputs = run(main())
+    texts = {i: "".join(o.new_text for o in outputs if o.index == i) for i in range(3)}
+    reasons = {o.index: o.finish_reason for o in outputs if o.finish_reason}
+    assert reasons == {0: "stop", 1: "stop", 2: "stop"}
+    for text in texts.values():
+        jsonschema.validate(json.loads(text, strict=True), SCHEMAS["string_patterns"])
+    assert not engine._compiling and not engine.scheduler.requests
