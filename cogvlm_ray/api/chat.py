@@ -145,13 +145,19 @@ def to_conversation(
         )
     dicts = [{**m.model_dump(exclude_none=True), "index": i} for i, m in enumerate(request.messages)]
     rendered = render_tool_messages(dicts, tools or [])
-    return conversation_from_turns(
-        _turn(m.get("index", 0), ChatMessage.model_validate(_plain(m))) for m in rendered
-    )
+    return conversation_from_turns(_rendered_turn(m) for m in rendered)
 
 
-def _plain(message: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in message.items() if k in ("role", "content", "name")}
+def _rendered_turn(message: dict[str, Any]) -> Turn:
+    """A Turn from a rendered message dict (content parts as `model_dump` wrote them). Not
+    re-validated: the rendered tool text may exceed the per-message bound the client had to keep."""
+    role = "system" if message["role"] == "developer" else message["role"]
+    content = message.get("content") or ""
+    if isinstance(content, str):
+        return Turn(message.get("index", 0), role, content)
+    texts = [part["text"] for part in content if part.get("type") == "text"]
+    urls = tuple(part["image_url"]["url"] for part in content if part.get("type") == "image_url")
+    return Turn(message.get("index", 0), role, "\n".join(texts), urls)
 
 
 def _turn(index: int, message: ChatMessage) -> Turn:

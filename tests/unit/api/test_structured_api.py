@@ -185,3 +185,29 @@ def test_auto_streams_content_then_the_call():
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": 'Par"is', "days": 2}
     deltas, reason = stream("No <tool here, just <text>.", "auto", "stop")
     assert "".join(d["content"] for d in deltas) == "No <tool here, just <text>." and reason == "stop"
+
+
+def test_to_conversation_renders_tools_and_tool_results():
+    from cogvlm_ray.api.chat import structured_output, to_conversation
+    from cogvlm_ray.api.protocol import ChatCompletionRequest
+
+    long_tool = {"type": "function", "function": {"name": "f", "description": "d" * 70_000}}
+    body = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"},
+            ],
+            "tools": [long_tool],
+        }
+    )  # fmt: skip
+    conversation = to_conversation(body, structured_output(body).tools)
+    assert (
+        conversation.system.startswith("You can call these functions:") and len(conversation.system) > 70_000
+    )
+    assert conversation.history == [
+        ("hi", f'{TOOL_CALL_BEGIN}{{"name": "f", "arguments": {{}}}}{TOOL_CALL_END}')
+    ]
+    assert conversation.query == "Tool result (c1): done"
