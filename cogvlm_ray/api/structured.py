@@ -89,7 +89,10 @@ def guided_spec(
     if len(given) > 1:
         raise _invalid(f"send only one of {', '.join(given)}", given[1])
     if guided_json is not None:
-        schema = json.loads(guided_json) if isinstance(guided_json, str) else guided_json
+        try:
+            schema = json.loads(guided_json) if isinstance(guided_json, str) else guided_json
+        except json.JSONDecodeError as exc:
+            raise _invalid(f"guided_json is not valid JSON: {exc}", "guided_json") from None
         if not isinstance(schema, (dict, bool)):
             raise _invalid("guided_json must be a JSON schema object", "guided_json")
         return StructuredOutputSpec("json_schema", canonical_json(schema), "guided_json")
@@ -162,7 +165,8 @@ def tool_spec(
     if choice == "required":
         chosen = functions
     elif isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        function = choice.get("function") if choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
             raise _invalid(f"tool_choice names a function not in tools: {name!r}", "tool_choice")

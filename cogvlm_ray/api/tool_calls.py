@@ -64,7 +64,7 @@ def tools_system_text(functions: list[dict[str, Any]]) -> str:
 def _calls_text(tool_calls: list[dict[str, Any]]) -> str:
     parts = []
     for call in tool_calls:
-        function = call.get("function") or {}
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = function.get("arguments") or "{}"
         parts.append(
             f'{TOOL_CALL_BEGIN}{{"name": {json.dumps(function.get("name", ""))}, "arguments": {arguments}}}{TOOL_CALL_END}'

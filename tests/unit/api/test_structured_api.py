@@ -65,6 +65,8 @@ def test_response_formats_become_specs():
             "tool_choice",
         ),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": [1]}}, "tool_choice"),
+        ({"guided_json": "{not json"}, "guided_json"),
         ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
         ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
     ],
