@@ -271,6 +271,8 @@ class RequestOutput:
     deltas in one stream, each choice ending with its own finish_reason."""
     new_logprobs: list[TokenLogprob] | None = None
     """One entry per new_token_ids entry when the request asked for logprobs, else None."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose K/V came from the prefix cache (not recomputed) at the last admission."""
 
     @property
     def finished(self) -> bool:
@@ -309,6 +311,7 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
         image_cache_hit=first.image_cache_hit if first.image_cache_hit is not None else later.image_cache_hit,
         index=later.index,
         new_logprobs=logprobs,
+        num_cached_tokens=later.num_cached_tokens,
     )
 
 

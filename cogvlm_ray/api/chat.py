@@ -1,41 +1,40 @@
-"""Conversions between the OpenAI chat API and the engine, in both directions.
+"""Conversions from the OpenAI chat API to the engine's inputs.
 
-In:  `ChatCompletionRequest` -> checks for unsupported-but-meaningful fields (400), the model
-     name (404), the `Conversation` for the preprocessor (parsed once, from the validated
-     pydantic messages), and `SamplingParams` for the engine. Value ranges are pydantic's
-     (`protocol.py`); the engine checks `SamplingParams` again on admission.
-Out: `RequestOutput` deltas -> an OpenAI `chat.completion` body or `chat.completion.chunk`
-     objects framed as Server-Sent Events (`data: {...}\\n\\n`, ending with `data: [DONE]`).
+`ChatCompletionRequest` -> refusals of fields we do not implement (`api/fields.py`, 400), the
+cross-field rules (400), the model name (404), the `Conversation` for the preprocessor (parsed
+once, from the validated pydantic messages; tools and tool messages rendered as `<tool_call>`
+text by `api/tool_calls.py`), the structured-output spec (`api/structured.py`), and
+`SamplingParams` for the engine. Value ranges are pydantic's (`protocol.py`); the engine checks
+`SamplingParams` again on admission. The way back (deltas -> OpenAI bodies) is `api/responses.py`.
 
 No I/O and no Ray here: `serve/ingress.py` drives these functions.
 """
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cogvlm_ray.api.protocol import ChatCompletionRequest, ChatMessage, TextPart
-from cogvlm_ray.api.structured import StructuredRequest, ToolMode, structured_request
-from cogvlm_ray.api.tool_calls import ToolCallStreamer, parse_output, render_tool_messages
-from cogvlm_ray.contracts import RequestOutput, SamplingParams, StructuredOutputSpec
-from cogvlm_ray.errors import CogVLMError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from cogvlm_ray.api.fields import check_implemented
+from cogvlm_ray.api.protocol import ChatCompletionRequest, ChatMessage, ImagePart, RefusalPart, TextPart
+from cogvlm_ray.api.structured import StructuredRequest, structured_request
+from cogvlm_ray.api.tool_calls import render_tool_messages
+from cogvlm_ray.contracts import SamplingParams, StructuredOutputSpec
+from cogvlm_ray.errors import InvalidRequestError, ModelNotFoundError
 from cogvlm_ray.preprocess.messages import Conversation, Turn, conversation_from_turns
 
-SSE_DONE = "data: [DONE]\n\n"
-
-
 _SAMPLING_DEFAULTS = SamplingParams()
+
+#: Server limit on `n` when the app does not say (`EngineConfig.max_n`).
+DEFAULT_MAX_N = 8
 
 
 @dataclass(frozen=True)
 class ChatDefaults:
-    """Server-side defaults for fields a request leaves out (set from `AppArgs`); their own
-    defaults are `SamplingParams`'s."""
+    """Server-side defaults for fields a request leaves out (set from `AppArgs` and the
+    checkpoint's generation_config.json); their own defaults are `SamplingParams`'s."""
 
     max_tokens: int = _SAMPLING_DEFAULTS.max_tokens
     temperature: float = _SAMPLING_DEFAULTS.temperature
@@ -45,32 +44,14 @@ class ChatDefaults:
 
 
 def make_request_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    """A fresh id for a request whose client sent no `x-request-id`."""
+    return uuid.uuid4().hex
 
 
-def check_supported(request: ChatCompletionRequest) -> None:
-    """Raise InvalidRequestError (400) for fields that would change the answer and we cannot honour."""
-    refusals: list[tuple[bool, str, str]] = [
-        (request.n is not None and request.n != 1, "n", "n > 1 is not supported; send n separate requests"),
-        (bool(request.logprobs), "logprobs", "logprobs are not supported"),
-        (request.top_logprobs is not None, "top_logprobs", "top_logprobs are not supported"),
-        (
-            bool(request.presence_penalty),
-            "presence_penalty",
-            "presence_penalty is not supported; use repetition_penalty",
-        ),
-        (
-            bool(request.frequency_penalty),
-            "frequency_penalty",
-            "frequency_penalty is not supported; use repetition_penalty",
-        ),
-        (bool(request.logit_bias), "logit_bias", "logit_bias is not supported"),
-        (bool(request.functions), "functions", "the legacy functions field is not supported; use tools"),
-        (
-            request.function_call not in (None, "none"),
-            "function_call",
-            "the legacy function_call field is not supported; use tool_choice",
-        ),
+def check_supported(request: ChatCompletionRequest, max_n: int = DEFAULT_MAX_N) -> None:
+    """Raise InvalidRequestError (400) for refused fields (`api/fields.py`) and cross-field rules."""
+    check_implemented(request)
+    rules: list[tuple[bool, str, str]] = [
         (
             request.stream_options is not None and not request.stream,
             "stream_options",
@@ -83,10 +64,16 @@ def check_supported(request: ChatCompletionRequest) -> None:
             "max_completion_tokens",
             "max_tokens and max_completion_tokens disagree; send one of them",
         ),
+        (
+            bool(request.top_logprobs) and not request.logprobs,
+            "top_logprobs",
+            "top_logprobs requires logprobs to be true",
+        ),
+        ((request.n or 1) > max_n, "n", f"n must be <= {max_n} on this server"),
     ]
-    for refused, param, message in refusals:
-        if refused:
-            raise InvalidRequestError(message, param=param, code="unsupported_parameter")
+    for broken, param, message in rules:
+        if broken:
+            raise InvalidRequestError(message, param=param)
 
 
 def resolve_model_name(request: ChatCompletionRequest, served_model_names: Iterable[str]) -> str:
@@ -122,30 +109,50 @@ def to_conversation(
 ) -> Conversation:
     """The typed conversation for the preprocessor ("developer" is a system message).
 
-    The pydantic schema has already checked every message's shape; this applies the pairing
-    rules once (`preprocess.messages.conversation_from_turns`), so nothing re-parses dicts.
-    Tools, assistant tool calls and `tool` results are first rendered into plain text turns
-    (`api/tool_calls.py`); a conversation without them takes the direct path.
+    The pydantic schema has already checked every message's shape; this checks the per-message
+    rules (content null only on an assistant message with tool calls, tool_call_id on tool
+    messages, text and image parts only) and applies the pairing rules once
+    (`preprocess.messages.conversation_from_turns`). Tools (`tools`, the request's function
+    definitions), assistant tool calls and `tool` results are first rendered as text in the
+    `<tool_call>` format the grammar enforces (`api/tool_calls.py`, docs/structured-output.md,
+    "Tool calls"); a legacy `function` message is a tool result named by its `name`, a legacy
+    `function_call` on an assistant message is one more call. A conversation without any of them
+    takes the direct path.
     """
+    needs_rendering = bool(tools)
     for index, message in enumerate(request.messages):
+        where = f"messages[{index}]"
+        has_calls = bool(message.tool_calls) or message.function_call is not None
+        if message.content is None and not (message.role == "assistant" and has_calls):
+            raise InvalidRequestError(
+                f"{where}.content must be a string or a list of content parts (null only on an "
+                "assistant message with tool_calls)",
+                param=f"{where}.content",
+            )
         if message.role == "tool" and not message.tool_call_id:
             raise InvalidRequestError(
-                f"messages[{index}]: a tool message needs tool_call_id",
-                param=f"messages[{index}].tool_call_id",
+                f"{where}: a tool message needs tool_call_id", param=f"{where}.tool_call_id"
             )
-        if message.content is None and not (message.role == "assistant" and message.tool_calls):
-            raise InvalidRequestError(
-                f"messages[{index}].content is required (it may be null only for an assistant "
-                "message with tool_calls)",
-                param=f"messages[{index}].content",
-            )
-    if not tools and not any(m.role == "tool" or m.tool_calls for m in request.messages):
+        _content(message, where)  # refuses audio / file parts, naming them
+        needs_rendering = needs_rendering or has_calls or message.role in ("tool", "function")
+    if not needs_rendering:
         return conversation_from_turns(
             _turn(index, message) for index, message in enumerate(request.messages)
         )
-    dicts = [{**m.model_dump(exclude_none=True), "index": i} for i, m in enumerate(request.messages)]
+    dicts = [_message_dict(index, message) for index, message in enumerate(request.messages)]
     rendered = render_tool_messages(dicts, tools or [])
     return conversation_from_turns(_rendered_turn(m) for m in rendered)
+
+
+def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
+    """A message as the tool renderer reads it (legacy function fields mapped onto tool ones)."""
+    out = {**message.model_dump(exclude_none=True), "index": index}
+    if message.role == "function":
+        out["role"] = "tool"
+        out["tool_call_id"] = message.name or "function"
+    if message.function_call is not None:
+        out["tool_calls"] = [*(message.tool_calls or ()), {"function": message.function_call}]
+    return out
 
 
 def _rendered_turn(message: dict[str, Any]) -> Turn:
@@ -155,21 +162,58 @@ def _rendered_turn(message: dict[str, Any]) -> Turn:
     content = message.get("content") or ""
     if isinstance(content, str):
         return Turn(message.get("index", 0), role, content)
-    texts = [part["text"] for part in content if part.get("type") == "text"]
+    texts = [
+        part["text"] if part.get("type") == "text" else part["refusal"]
+        for part in content
+        if part.get("type") in ("text", "refusal")
+    ]
     urls = tuple(part["image_url"]["url"] for part in content if part.get("type") == "image_url")
     return Turn(message.get("index", 0), role, "\n".join(texts), urls)
 
 
 def _turn(index: int, message: ChatMessage) -> Turn:
-    role = "system" if message.role == "developer" else message.role
-    assert role != "tool", "tool messages are rendered as user text first"
+    text, urls = _content(message, f"messages[{index}]")
+    return Turn(index, "system" if message.role == "developer" else message.role, text, urls)
+
+
+def _content(message: ChatMessage, where: str) -> tuple[str, tuple[str, ...]]:
     if message.content is None:
-        return Turn(index, role, "")
+        return "", ()
     if isinstance(message.content, str):
-        return Turn(index, role, message.content)
-    texts = [part.text for part in message.content if isinstance(part, TextPart)]
-    urls = tuple(part.image_url.url for part in message.content if not isinstance(part, TextPart))
-    return Turn(index, role, "\n".join(texts), urls)
+        return message.content, ()
+    texts: list[str] = []
+    urls: list[str] = []
+    for part_index, part in enumerate(message.content):
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif isinstance(part, RefusalPart):
+            texts.append(part.refusal)
+        elif isinstance(part, ImagePart):
+            urls.append(part.image_url.url)
+        else:
+            raise InvalidRequestError(
+                f"{where}.content[{part_index}]: {part.type} content parts are not supported "
+                "(CogVLM2 reads text and images)",
+                param=f"{where}.content[{part_index}].type",
+                code="unsupported_parameter",
+            )
+    return "\n".join(texts), tuple(urls)
+
+
+def _logit_bias(request: ChatCompletionRequest) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for key, value in (request.logit_bias or {}).items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            token_id = -1
+        if token_id < 0:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}",
+                param="logit_bias",
+            )
+        bias[token_id] = value
+    return bias
 
 
 def to_sampling_params(
@@ -193,6 +237,13 @@ def to_sampling_params(
         stop_token_ids=tuple(request.stop_token_ids or ()),
         min_tokens=request.min_tokens,
         ignore_eos=request.ignore_eos,
+        min_p=request.min_p or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=tuple(_logit_bias(request).items()),
+        n=request.n or 1,
+        logprobs=bool(request.logprobs),
+        top_logprobs=(request.top_logprobs or 0) if request.logprobs else 0,
         structured=structured,
     )
     if structured is not None and params.min_tokens:
@@ -203,132 +254,3 @@ def to_sampling_params(
     if params.min_tokens > params.max_tokens:
         raise InvalidRequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
     return params
-
-
-def usage_dict(output: RequestOutput) -> dict[str, int]:
-    return {
-        "prompt_tokens": output.num_prompt_tokens,
-        "completion_tokens": output.num_generated_tokens,
-        "total_tokens": output.num_prompt_tokens + output.num_generated_tokens,
-    }
-
-
-def check_not_aborted(output: RequestOutput) -> None:
-    """An engine-side abort (shutdown, lost replica) is an error for the client, not a finish reason."""
-    if output.finish_reason == "abort":
-        raise ServiceUnavailableError(
-            "generation was aborted by the server (replica shutting down); retry the request",
-            code="aborted",
-        )
-
-
-def completion_body(
-    request_id: str, model: str, created: int, text: str, last: RequestOutput, tool_mode: ToolMode = "none"
-) -> dict[str, Any]:
-    """The non-streaming `chat.completion` response (tool calls parsed out of the text)."""
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    finish_reason = last.finish_reason
-    if tool_mode != "none":
-        parsed = parse_output(text, tool_mode, finish_reason)
-        message = {"role": "assistant", "content": parsed.content}
-        if parsed.tool_calls:
-            message["tool_calls"] = parsed.tool_calls
-        finish_reason = parsed.finish_reason
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage_dict(last),
-    }
-
-
-class ChunkWriter:
-    """Builds the SSE events of one streamed completion.
-
-    Sequence: a role chunk, content chunks, the last choice chunk carrying `finish_reason` (and
-    only that one carries it), an optional usage chunk (`stream_options.include_usage`, empty
-    `choices`), then `data: [DONE]`. With tools, content and `tool_calls` deltas come from a
-    `ToolCallStreamer` (api/tool_calls.py).
-    """
-
-    def __init__(
-        self,
-        request_id: str,
-        model: str,
-        *,
-        include_usage: bool,
-        created: int | None = None,
-        tool_mode: ToolMode = "none",
-    ):
-        self.request_id = request_id
-        self.model = model
-        self.include_usage = include_usage
-        self.created = int(time.time()) if created is None else created
-        self.tools = ToolCallStreamer(tool_mode) if tool_mode != "none" else None
-
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> str:
-        chunk: dict[str, Any] = {
-            "id": self.request_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None
-        return sse_event(chunk)
-
-    def role(self) -> str:
-        return self._chunk({"role": "assistant", "content": ""}, None)
-
-    def delta(self, output: RequestOutput) -> str:
-        """Events for one engine delta ('' when there is nothing to send yet)."""
-        check_not_aborted(output)
-        if self.tools is not None:
-            return self._tool_delta(output)
-        if output.finish_reason is not None:
-            delta = {"content": output.new_text} if output.new_text else {}
-            return self._chunk(delta, output.finish_reason) + self._usage(output)
-        return self._chunk({"content": output.new_text}, None) if output.new_text else ""
-
-    def _tool_delta(self, output: RequestOutput) -> str:
-        assert self.tools is not None
-        deltas = self.tools.feed(output.new_text) if output.new_text else []
-        events = "".join(self._chunk(d, None) for d in deltas)
-        if output.finish_reason is None:
-            return events
-        last, finish_reason = self.tools.finish(output.finish_reason)
-        events += "".join(self._chunk(d, None) for d in last)
-        return events + self._chunk({}, finish_reason) + self._usage(output)
-
-    def _usage(self, last: RequestOutput) -> str:
-        if not self.include_usage:
-            return ""
-        return sse_event(
-            {
-                "id": self.request_id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": usage_dict(last),
-            }
-        )
-
-    @staticmethod
-    def error(error: CogVLMError) -> str:
-        """An error event mid-stream (headers are already sent, so the status stays 200), then DONE."""
-        return sse_event(error.to_dict()) + SSE_DONE
-
-
-def sse_event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"

@@ -66,6 +66,8 @@ def _calls_text(tool_calls: list[dict[str, Any]]) -> str:
     for call in tool_calls:
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = function.get("arguments") or "{}"
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
         parts.append(
             f'{TOOL_CALL_BEGIN}{{"name": {json.dumps(function.get("name", ""))}, "arguments": {arguments}}}{TOOL_CALL_END}'
         )

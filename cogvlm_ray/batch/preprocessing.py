@@ -104,10 +104,12 @@ def prepare_request(
     params = to_sampling_params(body, defaults)
     if params.n != 1 or params.logprobs:
         # The batch output has one text per row and no logprobs column (the engine could do
-        # both; check_supported refuses them too while the HTTP API does not offer them).
+        # both, and the HTTP API serves them).
         param = "n" if params.n != 1 else "logprobs"
         raise InvalidRequestError(
-            f"{param} is not supported in batch jobs; send one row per choice", param=param
+            f"{param} is not supported in batch jobs; send one row per choice",
+            param=param,
+            code="unsupported_parameter",
         )
     conversation = to_conversation(body)
     if image is not None:

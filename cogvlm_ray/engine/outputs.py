@@ -50,6 +50,7 @@ def make_output(
         image_cache_hit=request.image_cache_hit,
         index=request.choice_index,
         new_logprobs=logprobs,
+        num_cached_tokens=request.num_cached_prompt_tokens,
     )
 
 

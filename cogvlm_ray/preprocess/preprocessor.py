@@ -83,6 +83,14 @@ class Preprocessor:
             raise InvalidRequestError(
                 f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens"
             )
+        prepared = self.tokenize(conversation, template_version=template_version)
+        check_context_window(prepared.num_prompt_tokens, max_tokens, self.max_model_len)
+        return prepared
+
+    def tokenize(
+        self, conversation: Conversation | list[dict[str, Any]], *, template_version: str | None = None
+    ) -> PreparedPrompt:
+        """`prepare` without the context-window check (what `POST /tokenize` reports)."""
         template = resolve_template(template_version, self.config)
         if not isinstance(conversation, Conversation):
             conversation = parse_messages(conversation)
@@ -101,13 +109,25 @@ class Preprocessor:
                 has_image=image is not None,
                 template_version=template,
             )
-        check_context_window(len(input_ids), max_tokens, self.max_model_len)
         return PreparedPrompt(
             input_ids=input_ids,
             token_type_ids=token_type_ids,
             image=image.pixels if image is not None else None,
             image_hash=image.image_hash if image is not None else None,
         )
+
+    def encode_text(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids for a plain text (no template, no image)."""
+        with self._tokenizer_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of ids (special tokens kept, as vLLM's /detokenize); 400 for ids outside the vocabulary."""
+        size = len(self.tokenizer)
+        if any(not 0 <= t < size for t in token_ids):
+            raise InvalidRequestError(f"token ids must be in [0, {size})", param="tokens")
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def load_image(self, url: str) -> DecodedImage:
         """Fetch and decode one image URL (cached by the encoded bytes' hash)."""

@@ -26,6 +26,7 @@ from cogvlm_ray.serve.args import METRICS_DIR_ENV, AppArgs, parse_args
 from cogvlm_ray.serve.backend import RayChatBackend
 from cogvlm_ray.serve.factories import load_engine, make_preprocessor
 from cogvlm_ray.serve.ingress import IngressSettings, create_app
+from cogvlm_ray.serve.logs import use_serve_handlers
 from cogvlm_ray.serve.metrics import cleanup_dead_processes, get_metrics
 from cogvlm_ray.serve.model_source import is_tiny_random
 from cogvlm_ray.serve.router import ROUTER_CLASS_PATH
@@ -52,6 +53,7 @@ class PreprocessorDeployment:
     """CPU: Conversation -> PreparedPrompt (tokenizer and config loaded once per replica)."""
 
     def __init__(self, raw_args: dict[str, Any]):
+        use_serve_handlers()
         args = AppArgs.model_validate(raw_args)
         self.server = PreprocessServer(
             make_preprocessor(args, args.model_dir(weights=False)), metrics=_metrics(args)
@@ -59,6 +61,12 @@ class PreprocessorDeployment:
 
     async def prepare(self, conversation: Any, max_tokens: int, template_version: str | None) -> Any:
         return await self.server.prepare(conversation, max_tokens, template_version)
+
+    async def tokenize(self, job: Any) -> Any:
+        return await self.server.tokenize(job)
+
+    async def detokenize(self, token_ids: list[int]) -> Any:
+        return await self.server.detokenize(token_ids)
 
 
 @serve.deployment(
@@ -73,6 +81,7 @@ class ModelDeployment:
     """GPU (or CPU): one continuous-batching engine per replica."""
 
     async def __init__(self, raw_args: dict[str, Any]):
+        use_serve_handlers()
         args = AppArgs.model_validate(raw_args)
         model_dir = args.model_dir()
         self.server = ModelServer(
@@ -80,6 +89,7 @@ class ModelDeployment:
             metrics=_metrics(args),
             shutdown_timeout_s=args.shutdown_timeout_s,
             stream_interval_s=args.stream_interval_s,
+            model_name=args.model_name,
         )
         await self.server.start()
 
@@ -110,6 +120,7 @@ class IngressDeployment:
     """CPU: the OpenAI HTTP API (FastAPI, built in `__serve_build_asgi_app__`)."""
 
     def __init__(self, raw_args: dict[str, Any], preprocessor: Any, model: Any):
+        use_serve_handlers()
         args = AppArgs.model_validate(raw_args)
         api_key = args.api_key or (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
         self.settings = IngressSettings(
@@ -119,7 +130,9 @@ class IngressDeployment:
             api_key=api_key,
             max_request_bytes=args.max_request_bytes,
             request_timeout_s=args.request_timeout_s,
-            defaults=args.chat_defaults,
+            defaults=_chat_defaults(args),
+            max_n=args.engine.max_n,
+            echo_request_id=False,  # Ray Serve's proxy adds the x-request-id response header
             playground=args.playground,
         )
         app_name = serve.get_replica_context().app_name
@@ -136,6 +149,20 @@ class IngressDeployment:
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.backend, self.settings, self.metrics)
+
+
+def _chat_defaults(args: AppArgs) -> Any:
+    """Request defaults, with the checkpoint's generation_config.json (args' own if unreadable).
+    Tiny-random checkpoints have no sampling values, so the ingress does not build one."""
+    if is_tiny_random(args.model):
+        return args.chat_defaults
+    try:
+        return args.chat_defaults_for(args.model_dir(weights=False))
+    except Exception:
+        logger.warning(
+            "could not read the checkpoint's generation config; using the args' defaults", exc_info=True
+        )
+        return args.chat_defaults
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:

@@ -10,6 +10,8 @@ Every field is documented in docs/serving.md (a test checks it).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,8 @@ from cogvlm_ray.preprocess.options import PreprocessOptions
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _CHAT_DEFAULTS = ChatDefaults()
+
+logger = logging.getLogger(__name__)
 
 
 class _Args(BaseModel):
@@ -66,8 +70,13 @@ class AppArgs(_Args):
     preprocess: PreprocessOptions = PreprocessOptions()
     """`cogvlm_ray.preprocess.PreprocessOptions`, field for field (docs/preprocessing.md)."""
     default_max_tokens: int = Field(_CHAT_DEFAULTS.max_tokens, ge=1)
-    default_temperature: float = _CHAT_DEFAULTS.temperature
-    default_top_p: float = _CHAT_DEFAULTS.top_p
+    default_temperature: float | None = None
+    """`temperature` when a request has none. None: the checkpoint's generation_config.json
+    value if it has one, else 1.0 (`SamplingParams`)."""
+    default_top_p: float | None = None
+    """As `default_temperature`, for `top_p` (fallback 1.0)."""
+    default_top_k: int | None = Field(None, ge=0)
+    """As `default_temperature`, for `top_k` (fallback 0: off)."""
     api_key: str | None = Field(None, min_length=1)
     """Require `Authorization: Bearer <key>` on /v1/*. Prefer `api_key_env` outside demos."""
     api_key_env: str | None = "COGVLM_API_KEY"
@@ -102,9 +111,7 @@ class AppArgs(_Args):
     @model_validator(mode="after")
     def _defaults_are_valid_sampling(self) -> AppArgs:
         # The same checks the engine applies to every request, once, to the server defaults.
-        defaults = SamplingParams(
-            max_tokens=self.default_max_tokens, temperature=self.default_temperature, top_p=self.default_top_p
-        )
+        defaults = self._sampling_defaults(self.chat_defaults)
         try:
             defaults.validate()
         except InvalidRequestError as e:
@@ -117,8 +124,44 @@ class AppArgs(_Args):
 
     @property
     def chat_defaults(self) -> ChatDefaults:
+        """The request defaults from these args alone (no checkpoint values)."""
+        return self._chat_defaults({})
+
+    def chat_defaults_for(self, model_dir: Path) -> ChatDefaults:
+        """The request defaults: these args where set, else the checkpoint's generation_config.json
+        (temperature, top_p, top_k, repetition_penalty, as vLLM reads it), else `SamplingParams`'s.
+        A checkpoint value the engine would refuse is skipped with a warning."""
+        checkpoint = read_generation_defaults(model_dir)
+        defaults = self._chat_defaults(checkpoint)
+        try:
+            self._sampling_defaults(defaults).validate()
+        except InvalidRequestError as e:
+            logger.warning("ignoring %s/generation_config.json sampling values: %s", model_dir, e.message)
+            defaults = self.chat_defaults
+        if checkpoint:
+            logger.info("sampling defaults from %s/generation_config.json: %s", model_dir, checkpoint)
+        return defaults
+
+    def _chat_defaults(self, checkpoint: dict[str, Any]) -> ChatDefaults:
+        def pick(arg: Any, key: str) -> Any:
+            return arg if arg is not None else checkpoint.get(key, getattr(_CHAT_DEFAULTS, key))
+
         return ChatDefaults(
-            max_tokens=self.default_max_tokens, temperature=self.default_temperature, top_p=self.default_top_p
+            max_tokens=self.default_max_tokens,
+            temperature=float(pick(self.default_temperature, "temperature")),
+            top_p=float(pick(self.default_top_p, "top_p")),
+            top_k=int(pick(self.default_top_k, "top_k")),
+            repetition_penalty=float(pick(None, "repetition_penalty")),
+        )
+
+    @staticmethod
+    def _sampling_defaults(defaults: ChatDefaults) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=defaults.max_tokens,
+            temperature=defaults.temperature,
+            top_p=defaults.top_p,
+            top_k=defaults.top_k,
+            repetition_penalty=defaults.repetition_penalty,
         )
 
     @property
@@ -131,6 +174,28 @@ class AppArgs(_Args):
         from cogvlm_ray.serve.model_source import resolve_model_path
 
         return resolve_model_path(self.model, os.path.expanduser(self.cache_dir), weights=weights)
+
+
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def read_generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """The sampling values of `<model_dir>/generation_config.json` ({} when absent or unreadable)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logger.warning("could not read %s: %s", path, e)
+        return {}
+    return {
+        key: raw[key]
+        for key in _GENERATION_KEYS
+        if isinstance(raw, dict)
+        and isinstance(raw.get(key), int | float)
+        and not isinstance(raw.get(key), bool)
+    }
 
 
 def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:

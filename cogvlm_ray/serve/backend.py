@@ -9,7 +9,9 @@ GPU model replicas), and a model replica's batch slot is only needed once prepro
 
 Also owns: mapping Ray/Serve exceptions to our `errors` classes (queue full -> 429, replica
 gone -> 503, errors raised in a replica -> their own class), and readiness from `serve.status()`
-(cached), so `/health` and requests answer 503 quickly when no model replica runs.
+(cached), so `/health` and requests answer 503 quickly when no model replica runs. The
+replicas hand client errors back as values (`serve/server.py`); they are raised here, in the
+ingress, so no replica logs a traceback for a bad request.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from cogvlm_ray.api.tokenize import TokenizeJob, TokenizeResult
 from cogvlm_ray.contracts import RequestOutput, SamplingParams
 from cogvlm_ray.errors import CogVLMError, OverloadedError, ServiceUnavailableError
 from cogvlm_ray.preprocess.messages import Conversation
@@ -132,9 +135,13 @@ class RayChatBackend:
             )
             try:
                 async for output in response:
+                    if isinstance(output, CogVLMError):
+                        raise output
                     yield output
             except Exception as e:
                 mapped = to_api_error(e)
+                if isinstance(e, CogVLMError):
+                    raise
                 if mapped is e:
                     logger.warning("model call failed with %s: %s", type(e).__name__, e)
                     raise
@@ -146,6 +153,26 @@ class RayChatBackend:
                     response.cancel()
         finally:
             self._num_in_flight -= 1
+
+    async def tokenize(self, job: TokenizeJob) -> TokenizeResult:
+        return await self._call_preprocessor("tokenize", job)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self._call_preprocessor("detokenize", token_ids)
+
+    async def _call_preprocessor(self, method: str, *args: Any) -> Any:
+        if self.fail_fast_without_replicas:
+            await self.check_ready()
+        try:
+            result = await getattr(self.preprocessor, method).remote(*args)
+        except Exception as e:
+            mapped = to_api_error(e)
+            if mapped is e:
+                raise
+            raise mapped from None
+        if isinstance(result, CogVLMError):
+            raise result
+        return result
 
     async def _readiness_problem(self) -> str | None:
         """None when every deployment has a RUNNING replica, else why not (cached briefly)."""

@@ -1,13 +1,14 @@
 """The HTTP edge: a FastAPI app with the OpenAI routes, built around any `ChatBackend`.
 
-Owns: routes (`POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`),
-reading the body under a size limit (413), schema validation (422), the optional API key on
-`/v1/*` (401), request timeouts (504), SSE streaming, and mapping every error to the OpenAI
-error body in one place (`error_response`).
+Owns: routes (`POST /v1/chat/completions`, `POST /tokenize`, `POST /detokenize`,
+`GET /v1/models`, `GET /health`, `GET /metrics`), reading the body under a size limit (413),
+schema validation (400 naming the field, never 422), the optional API key on `/v1/*` and the
+token routes (401), request timeouts (504), SSE streaming, one log line per refused request,
+and mapping every error to the OpenAI error body in one place (`error_response`).
 
-Does not own: where generation happens. `backend` is anything with `generate(...)` and
-`check_ready()` (see `ChatBackend`): the Ray deployment handles in production (`serve/app.py`),
-a scripted fake in unit tests. No Ray import here.
+Does not own: where generation happens. `backend` is anything with the methods of
+`ChatBackend`: the Ray deployment handles in production (`serve/app.py`), a scripted fake in
+unit tests. No Ray import here.
 
 Streaming rule: the first engine delta is awaited *before* the `StreamingResponse` is returned,
 so a full queue (429), a bad image (400) or no replica (503) is a real HTTP status, not an error
@@ -21,33 +22,45 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cogvlm_ray.api import chat
+from cogvlm_ray.api import chat, tokenize
+from cogvlm_ray.api.fields import warn_unknown_fields
 from cogvlm_ray.api.protocol import ChatCompletionRequest
+from cogvlm_ray.api.responses import SSE_DONE, ChunkWriter, CompletionBuilder, check_not_aborted
+from cogvlm_ray.api.validation import to_invalid_request
 from cogvlm_ray.contracts import RequestOutput, SamplingParams
 from cogvlm_ray.errors import (
     AuthenticationError,
     CogVLMError,
     InvalidRequestError,
+    ModelNotFoundError,
     OverloadedError,
     RequestTimeoutError,
     RequestTooLargeError,
     ServiceUnavailableError,
 )
 from cogvlm_ray.preprocess.messages import Conversation
-from cogvlm_ray.serve import metrics as metrics_module
 from cogvlm_ray.serve.metrics import Metrics
+from cogvlm_ray.serve.middleware import (
+    HttpMetricsMiddleware,
+    RequestIdMiddleware,
+    mark_cancelled,
+    request_id_of,
+)
 
 logger = logging.getLogger(__name__)
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class ChatBackend(Protocol):
@@ -60,9 +73,16 @@ class ChatBackend(Protocol):
         template_version: str | None,
         request_id: str,
     ) -> AsyncIterator[RequestOutput]:
-        """Deltas of one request. Errors (CogVLMError subclasses) may surface on the first
-        `__anext__`; closing the iterator must cancel the request in the engine."""
+        """Deltas of one request (n > 1: the choices' deltas interleaved, tagged with `index`).
+        Errors (CogVLMError subclasses) may surface on the first `__anext__`; closing the
+        iterator must cancel the request in the engine."""
         ...
+
+    async def tokenize(self, job: tokenize.TokenizeJob) -> tokenize.TokenizeResult:
+        """The prompt ids of a conversation (template and image positions included) or of a text."""
+        ...
+
+    async def detokenize(self, token_ids: list[int]) -> str: ...
 
     async def check_ready(self) -> None:
         """Return when the model (and preprocessing) can take requests; else raise
@@ -77,10 +97,15 @@ class IngressSettings:
     """Shown in `/v1/models` as `root` (the checkpoint path or hub id)."""
     max_model_len: int | None = None
     api_key: str | None = None
-    """When set, `/v1/*` requires `Authorization: Bearer <api_key>`; /health and /metrics stay open."""
+    """When set, `/v1/*` and the token routes require `Authorization: Bearer <api_key>`;
+    /health and /metrics stay open."""
     max_request_bytes: int = 20 * 1024 * 1024
     request_timeout_s: float | None = 600.0
     defaults: chat.ChatDefaults = field(default_factory=chat.ChatDefaults)
+    max_n: int = chat.DEFAULT_MAX_N
+    """Most choices per request (the engine's `max_n`)."""
+    echo_request_id: bool = True
+    """Add the `x-request-id` response header; False behind Ray Serve, whose proxy adds it."""
     playground: bool = False
 
 
@@ -114,51 +139,6 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         raise InvalidRequestError("request body is nested too deeply", code="invalid_json") from None
 
 
-def _validation_error(error: ValidationError | RequestValidationError) -> JSONResponse:
-    details = error.errors()
-    first = details[0] if details else {}
-    loc = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    summary = "; ".join(
-        f"{'.'.join(str(p) for p in d.get('loc', ()) if p != 'body')}: {d.get('msg')}" for d in details[:5]
-    )
-    body = {
-        "error": {
-            "message": f"invalid request: {summary}",
-            "type": "invalid_request_error",
-            "param": loc or None,
-            "code": "validation_error",
-        }
-    }
-    return JSONResponse(body, status_code=422)
-
-
-class HttpMetricsMiddleware:
-    """Pure ASGI (BaseHTTPMiddleware would break streaming cancellation): counts every response
-    by route template (not raw path, to bound label cardinality) and status."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = {"code": 500}
-
-        async def send_wrapper(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "other"
-            self.metrics.inc(metrics_module.HTTP_REQUESTS, route=path, status=str(status["code"]))
-
-
 def create_app(
     backend: ChatBackend, settings: IngressSettings | None = None, metrics: Metrics | None = None
 ) -> FastAPI:
@@ -167,18 +147,23 @@ def create_app(
     metrics = metrics or Metrics()
     app = FastAPI(title="cogvlm-ray", version="0.1.0", docs_url=None, redoc_url=None)
     # Middleware order (outermost first): ServerErrorMiddleware (Starlette's, turns a crash into
-    # a 500) -> HttpMetricsMiddleware (counts every status, including 401/413/422) -> routing.
-    # Auth, body limit and validation are per-route steps, so their errors go through the
-    # exception handlers below and are counted like any other response.
+    # a 500) -> HttpMetricsMiddleware (counts every status, 499 for a client gone) ->
+    # RequestIdMiddleware (one x-request-id, the client's if sent) -> routing. Auth, body limit
+    # and validation are per-route steps, so their errors go through the exception handlers
+    # below and are counted like any other response.
+    app.add_middleware(RequestIdMiddleware, echo_header=settings.echo_request_id)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(CogVLMError)
-    async def _cogvlm_error(_: Request, error: CogVLMError) -> JSONResponse:
+    async def _cogvlm_error(request: Request, error: CogVLMError) -> JSONResponse:
+        log_api_error(request_id_of(request.scope), error)
         return error_response(error)
 
     @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _validation_error(error)
+    async def _request_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        invalid = to_invalid_request(error.errors())
+        log_api_error(request_id_of(request.scope), invalid)
+        return error_response(invalid)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -232,61 +217,93 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(request: Request) -> Response:
-        raw = await read_json_body(request, settings.max_request_bytes)
-        try:
-            body = ChatCompletionRequest.model_validate(raw)
-        except ValidationError as e:
-            return _validation_error(e)
-        chat.check_supported(body)
+        body = parse_body(ChatCompletionRequest, await read_json_body(request, settings.max_request_bytes))
+        warn_unknown_fields(body.model_extra or {})
+        chat.check_supported(body, settings.max_n)
         model = chat.resolve_model_name(body, settings.served_model_names)
         structured = chat.structured_output(body)
         sampling_params = chat.to_sampling_params(body, settings.defaults, structured.spec)
-        request_id = chat.make_request_id()
+        conversation = chat.to_conversation(body, structured.tools)
+        client_id = request_id_of(request.scope)
+        response_id = f"chatcmpl-{client_id}"
+        # Engine ids must be unique, and a client may reuse its own x-request-id.
+        engine_id = f"{response_id}-{uuid.uuid4().hex[:8]}"
         deadline = (
             None if settings.request_timeout_s is None else time.monotonic() + settings.request_timeout_s
         )
-        stream = backend.generate(
-            chat.to_conversation(body, structured.tools), sampling_params, body.template_version, request_id
-        )
+        timeout_s = settings.request_timeout_s
+        stream = backend.generate(conversation, sampling_params, body.template_version, engine_id)
         outputs = stream.__aiter__()
-        headers = {"X-Request-Id": request_id}
         try:
-            first = await _next_before(outputs, deadline, settings.request_timeout_s)
-            chat.check_not_aborted(first)
+            first = await _next_before(outputs, deadline, timeout_s)
+            check_not_aborted(first)
+        except asyncio.CancelledError:
+            logger.info("request %s: client disconnected before the first token; cancelled", client_id)
+            await _close(outputs)
+            raise
         except BaseException as e:
             await _close(outputs)
             _raise_as_api_error(e)
+        num_choices = sampling_params.n
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            writer = chat.ChunkWriter(
-                request_id, model, include_usage=include_usage, tool_mode=structured.tool_mode
+            options = body.stream_options
+            writer = ChunkWriter(
+                response_id,
+                model,
+                num_choices=num_choices,
+                include_usage=bool(options and options.include_usage),
+                continuous_usage=bool(options and options.continuous_usage_stats),
+                logprobs=sampling_params.logprobs,
+                tool_mode=structured.tool_mode,
             )
-            events = _sse_events(writer, first, outputs, deadline, settings.request_timeout_s)
+            events = _sse_events(writer, first, outputs, deadline, timeout_s, request.scope, client_id)
             return StreamingResponse(
-                events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
+        builder = CompletionBuilder(
+            num_choices, logprobs=sampling_params.logprobs, tool_mode=structured.tool_mode
+        )
         try:
-            parts, last = [first.new_text], first
-            while not last.finished:
-                last = await _next_before(outputs, deadline, settings.request_timeout_s)
-                chat.check_not_aborted(last)
-                parts.append(last.new_text)
+            builder.add(first)
+            while not builder.is_complete:
+                builder.add(await _next_before(outputs, deadline, timeout_s))
+        except asyncio.CancelledError:
+            logger.info("request %s: client disconnected; cancelled", client_id)
+            raise
         except BaseException as e:
             _raise_as_api_error(e)
         finally:
             await _close(outputs)
-        return JSONResponse(
-            chat.completion_body(
-                request_id, model, int(time.time()), "".join(parts), last, structured.tool_mode
-            ),
-            headers=headers,
-        )
+        return JSONResponse(builder.body(response_id, model))
 
+    mount_token_routes(app, backend, settings, require_api_key)
     if settings.playground:
         from cogvlm_ray.serve.playground import mount_playground
 
         mount_playground(app, require_api_key=settings.api_key is not None)
     return app
+
+
+def parse_body(model: type[BodyT], raw: Any) -> BodyT:
+    """The validated request body; a schema failure is a 400 naming the field (never a 422)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise to_invalid_request(e.errors()) from None
+
+
+def log_api_error(request_id: str, error: CogVLMError) -> None:
+    """One line per refused request: a client error at INFO, a server-side one at WARNING."""
+    level = logging.INFO if error.status_code < 500 else logging.WARNING
+    logger.log(
+        level,
+        "request %s: %d %s (param=%s): %s",
+        request_id,
+        error.status_code,
+        error.code,
+        error.param,
+        error.message,
+    )
 
 
 async def _next_before(
@@ -315,39 +332,81 @@ def _raise_as_api_error(error: BaseException) -> NoReturn:
     raise _internal_error() from error
 
 
-async def _close(outputs: AsyncIterator[RequestOutput]) -> None:
+async def _close(outputs: AsyncIterator[Any]) -> None:
     """Close the backend stream (this is what cancels the request in the engine)."""
     aclose = getattr(outputs, "aclose", None)
     if aclose is not None:
         try:
             await aclose()
-        except Exception:  # closing must never mask the real outcome
+        except BaseException:  # closing must never mask the real outcome
             logger.debug("error while closing a model stream", exc_info=True)
 
 
 async def _sse_events(
-    writer: chat.ChunkWriter,
+    writer: ChunkWriter,
     first: RequestOutput,
     outputs: AsyncIterator[RequestOutput],
     deadline: float | None,
     timeout_s: float | None,
+    scope: dict[str, Any],
+    request_id: str,
 ) -> AsyncIterator[str]:
-    """SSE events after the first delta. A client disconnect cancels this generator; the
-    `finally` then closes the backend stream, which aborts the request in the engine."""
+    """SSE events after the first delta. A client disconnect cancels or closes this generator;
+    the `finally` then closes the backend stream, which aborts the request in the engine. The
+    backend stream is closed *before* `[DONE]` goes out, so a client that hangs up right after
+    `[DONE]` never looks like a disconnect."""
+    complete = False
     try:
-        yield writer.role()
+        yield writer.role(first)
         output = first
         yield writer.delta(output)
-        while not output.finished:
+        while not writer.is_complete:
             output = await _next_before(outputs, deadline, timeout_s)
             event = writer.delta(output)
             if event:
                 yield event
-        yield chat.SSE_DONE
+        complete = True
+        await _close(outputs)
+        yield SSE_DONE
     except CogVLMError as e:
+        complete = True
+        log_api_error(request_id, e)
         yield writer.error(e)
     except Exception:
+        complete = True
         logger.exception("model stream failed mid-response")
         yield writer.error(_internal_error())
     finally:
+        if not complete:
+            logger.info("request %s: client disconnected mid-stream; cancelled", request_id)
+            mark_cancelled(scope)
         await _close(outputs)
+
+
+def mount_token_routes(
+    app: FastAPI, backend: ChatBackend, settings: IngressSettings, require_api_key: Callable[..., Any]
+) -> None:
+    """`POST /tokenize` and `POST /detokenize` (vLLM's paths), answered by the preprocessing replica."""
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in settings.served_model_names:
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist; this server serves {list(settings.served_model_names)}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.post("/tokenize", dependencies=[Depends(require_api_key)])
+    async def tokenize_route(request: Request) -> JSONResponse:
+        raw = await read_json_body(request, settings.max_request_bytes)
+        body = parse_body(tokenize.tokenize_request_model(raw), raw)
+        check_model(body.model)
+        result = await backend.tokenize(tokenize.to_job(body))
+        return JSONResponse(tokenize.tokenize_body(result))
+
+    @app.post("/detokenize", dependencies=[Depends(require_api_key)])
+    async def detokenize_route(request: Request) -> JSONResponse:
+        raw = await read_json_body(request, settings.max_request_bytes)
+        body = parse_body(tokenize.DetokenizeRequest, raw)
+        check_model(body.model)
+        return JSONResponse(tokenize.detokenize_body(await backend.detokenize(body.tokens)))

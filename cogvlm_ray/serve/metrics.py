@@ -118,6 +118,10 @@ _REQUEST_BUCKETS = (
     1920.0,
     7680.0,
 )
+#: The label every engine metric carries (the served model name), as vLLM's `model_name`.
+MODEL_NAME_LABEL = "model_name"
+_M = (MODEL_NAME_LABEL,)
+
 _PREPROCESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 TIME_TO_FIRST_TOKEN = MetricSpec(
@@ -125,65 +129,91 @@ TIME_TO_FIRST_TOKEN = MetricSpec(
     "histogram",
     "Time from the engine receiving a request to its first generated token.",
     buckets=_TTFT_BUCKETS,
+    labels=_M,
 )
 INTER_TOKEN_LATENCY = MetricSpec(
     "cogvlm_inter_token_latency_seconds",
     "histogram",
     "Time between two consecutive streamed deltas of one request.",
     buckets=_ITL_BUCKETS,
+    labels=_M,
 )
 E2E_REQUEST_LATENCY = MetricSpec(
     "cogvlm_e2e_request_latency_seconds",
     "histogram",
     "Time from the engine receiving a request to its last token.",
     buckets=_REQUEST_BUCKETS,
+    labels=_M,
 )
 REQUEST_QUEUE_TIME = MetricSpec(
     "cogvlm_request_queue_time_seconds",
     "histogram",
     "Time a request waited in the engine queue before it was first scheduled.",
     buckets=_REQUEST_BUCKETS,
+    labels=_M,
 )
 NUM_REQUESTS_RUNNING = MetricSpec(
     "cogvlm_num_requests_running",
     "gauge",
     "Sequences in the engine's running batch, summed over model replicas.",
     multiprocess_mode="livesum",
+    labels=_M,
 )
 NUM_REQUESTS_WAITING = MetricSpec(
     "cogvlm_num_requests_waiting",
     "gauge",
     "Requests waiting in the engine queue, summed over model replicas.",
     multiprocess_mode="livesum",
+    labels=_M,
 )
 KV_CACHE_USAGE = MetricSpec(
     "cogvlm_kv_cache_usage_perc",
     "gauge",
     "Fraction (0..1) of KV-cache blocks in use; the fullest model replica.",
     multiprocess_mode="livemax",
+    labels=_M,
 )
 PROMPT_TOKENS = MetricSpec(
     "cogvlm_prompt_tokens",
     "counter",
     "Prompt tokens of requests admitted by the engine (image positions included).",
+    labels=_M,
 )
-GENERATION_TOKENS = MetricSpec("cogvlm_generation_tokens", "counter", "Tokens generated.")
+GENERATION_TOKENS = MetricSpec("cogvlm_generation_tokens", "counter", "Tokens generated.", labels=_M)
 REQUEST_SUCCESS = MetricSpec(
     "cogvlm_request_success",
     "counter",
     "Requests that finished in the engine, by finish reason.",
-    labels=("finished_reason",),
+    labels=("finished_reason", MODEL_NAME_LABEL),
+)
+PREFIX_CACHE_QUERIES = MetricSpec(
+    "cogvlm_prefix_cache_queries",
+    "counter",
+    "Prompt tokens looked up in the prefix cache (every admitted prompt's tokens).",
+    labels=_M,
+)
+PREFIX_CACHE_HITS = MetricSpec(
+    "cogvlm_prefix_cache_hits",
+    "counter",
+    "Prompt tokens whose K/V came from the prefix cache instead of being computed.",
+    labels=_M,
 )
 IMAGE_CACHE_HITS = MetricSpec(
-    "cogvlm_image_cache_hits", "counter", "Image requests whose vision features came from the cache."
+    "cogvlm_image_cache_hits",
+    "counter",
+    "Image requests whose vision features came from the cache.",
+    labels=_M,
 )
 IMAGE_CACHE_QUERIES = MetricSpec(
-    "cogvlm_image_cache_queries", "counter", "Image requests that looked up the image-feature cache."
+    "cogvlm_image_cache_queries",
+    "counter",
+    "Image requests that looked up the image-feature cache.",
+    labels=_M,
 )
 HTTP_REQUESTS = MetricSpec(
     "cogvlm_http_requests",
     "counter",
-    "HTTP requests answered by the ingress, by route template and status.",
+    "HTTP requests answered by the ingress, by route template and status (499: the client went away).",
     labels=("route", "status"),
     recorded_by="ingress",
 )
@@ -214,6 +244,8 @@ METRICS: tuple[MetricSpec, ...] = (
     PROMPT_TOKENS,
     GENERATION_TOKENS,
     REQUEST_SUCCESS,
+    PREFIX_CACHE_QUERIES,
+    PREFIX_CACHE_HITS,
     IMAGE_CACHE_HITS,
     IMAGE_CACHE_QUERIES,
     HTTP_REQUESTS,

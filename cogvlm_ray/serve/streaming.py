@@ -23,6 +23,8 @@ async def coalesce(stream: AsyncIterator[RequestOutput], interval_s: float) -> A
 
     A held delta is flushed when the interval expires even if the engine has produced nothing
     since, so no token waits more than `interval_s`. `interval_s <= 0` passes deltas through.
+    With n > 1 the choices interleave in one stream: one delta is held per choice (`index`),
+    since deltas of different choices never merge, and a flush sends every held one.
     """
     if interval_s <= 0:
         async for output in stream:
@@ -30,21 +32,22 @@ async def coalesce(stream: AsyncIterator[RequestOutput], interval_s: float) -> A
         return
     loop = asyncio.get_running_loop()
     iterator = aiter(stream)
-    pending: RequestOutput | None = None
+    pending: dict[int, RequestOutput] = {}
     flush_at = 0.0
     next_item: asyncio.Future[RequestOutput] | None = None
-    sent_first = False
+    sent_first: set[int] = set()
     try:
         while True:
             if next_item is None:
                 next_item = asyncio.ensure_future(anext(iterator))
-            if pending is not None:
-                # Wait for the next delta only until the held one is due; never cancel the read
+            if pending:
+                # Wait for the next delta only until the held ones are due; never cancel the read
                 # (cancelling it would close the engine stream and abort the request).
                 done, _ = await asyncio.wait({next_item}, timeout=max(0.0, flush_at - loop.time()))
                 if not done:
-                    yield pending
-                    pending = None
+                    for held in pending.values():
+                        yield held
+                    pending.clear()
                     flush_at = loop.time() + interval_s
                     continue
             try:
@@ -52,14 +55,20 @@ async def coalesce(stream: AsyncIterator[RequestOutput], interval_s: float) -> A
             except StopAsyncIteration:
                 break
             next_item = None
-            pending = output if pending is None else merge_outputs(pending, output)
-            if not sent_first or pending.finished or loop.time() >= flush_at:
-                sent_first = True
-                yield pending
-                pending = None
-                flush_at = loop.time() + interval_s
-        if pending is not None:
-            yield pending
+            held = pending.pop(output.index, None)
+            merged = output if held is None else merge_outputs(held, output)
+            if output.index not in sent_first or merged.finished or loop.time() >= flush_at:
+                sent_first.add(output.index)
+                yield merged
+                if loop.time() >= flush_at:
+                    for other in pending.values():
+                        yield other
+                    pending.clear()
+                    flush_at = loop.time() + interval_s
+            else:
+                pending[output.index] = merged
+        for held in pending.values():
+            yield held
     finally:
         if next_item is not None and not next_item.done():
             next_item.cancel()

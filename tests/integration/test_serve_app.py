@@ -102,7 +102,10 @@ def test_stream_joined_equals_non_stream_for_greedy(
     reasons = [c.choices[0].finish_reason for c in choice_chunks]
     assert reasons[-1] == full.choices[0].finish_reason and all(r is None for r in reasons[:-1])
     assert "".join(c.choices[0].delta.content or "" for c in choice_chunks) == full.choices[0].message.content
-    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert chunks[-1].choices == []
+    # The counts agree; cached_tokens may not (the second request reuses the first's prefix).
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert [getattr(chunks[-1].usage, k) for k in counts] == [getattr(full.usage, k) for k in counts]
 
 
 def test_raw_sse_framing_ends_with_done(serve_app: ServeApp):
@@ -128,14 +131,14 @@ def _two_images() -> list[dict]:
     [
         ({"messages": image_message("data:image/png;base64,bm90IGFuIGltYWdl")}, None, 400),
         ({"messages": _two_images()}, None, 400),
-        ({"messages": TEXT, "n": 2}, None, 400),
+        ({"messages": TEXT, "n": 9}, None, 400),
         ({"messages": TEXT, "max_tokens": 100_000}, None, 400),
         ({"messages": TEXT}, {"Authorization": "Bearer wrong"}, 401),
         ({"messages": TEXT}, {}, 401),
         ({"messages": TEXT, "model": "gpt-4o"}, None, 404),
         ({"messages": [{"role": "user", "content": "x" * 60_000}] * 40}, None, 413),
-        ({"messages": TEXT, "temperature": 5}, None, 422),
-        ({"messages": TEXT, "tools_typo": []}, None, 422),
+        ({"messages": TEXT, "temperature": 5}, None, 400),  # schema errors are 400s, never 422
+        ({"messages": TEXT, "functions": [{"name": "f"}]}, None, 400),  # legacy; tools are served
     ],
 )
 def test_error_statuses_are_openai_shaped_and_server_survives(serve_app: ServeApp, body, headers, status):

@@ -3,7 +3,8 @@
 Statuses follow the serving issue: 400 for bad input the schema cannot see (broken JSON,
 bad images, two images, disallowed URLs, unsupported features, too long), 404 for an
 unknown model or route, 401 for a missing or wrong API key, 405 for a wrong method, 413 for an
-oversized body, 422 for schema violations (wrong types, out-of-range values, unknown fields, NaN).
+oversized body. Schema violations (wrong types, out-of-range values, NaN) are 400 too, as
+OpenAI answers them (never 422); unknown fields are accepted (logged once), so none is here.
 """
 
 from __future__ import annotations
@@ -89,39 +90,41 @@ def build_corpus(max_request_bytes: int, max_model_len: int) -> list[BadCase]:
     add("trailing_garbage", 400, _json(chat_body()) + b"}}")
     # ---- size (413) --------------------------------------------------------------------------
     add("huge_body", 413, _json(chat_body("x" * (max_request_bytes + 1024))))
-    # ---- schema (422) ------------------------------------------------------------------------
-    add("top_level_array", 422, [1, 2])
-    add("top_level_string", 422, "hello")
-    add("top_level_null", 422, None)
-    add("missing_messages", 422, {"max_tokens": 2})
-    add("empty_messages", 422, {"messages": []})
-    add("messages_not_list", 422, {"messages": "hi"})
-    add("message_without_role", 422, {"messages": [{"content": "hi"}]})
-    add("unknown_role", 422, {"messages": [{"role": "robot", "content": "hi"}]})
-    add("content_is_number", 422, chat_body(42))
-    add("unknown_part_type", 422, chat_body([{"type": "audio", "audio": "..."}]))
-    add("image_part_without_url", 422, chat_body([{"type": "image_url", "image_url": {}}]))
-    add("max_tokens_string", 422, chat_body(max_tokens="ten"))
-    add("max_tokens_zero", 422, chat_body(max_tokens=0))
-    add("max_tokens_negative", 422, chat_body(max_tokens=-5))
-    add("max_tokens_absurd", 422, chat_body(max_tokens=2**40))
-    add("temperature_negative", 422, chat_body(temperature=-1))
-    add("temperature_huge", 422, chat_body(temperature=1e308))
-    add("temperature_nan", 422, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
-    add("top_p_infinity", 422, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}')
-    add("top_p_zero", 422, chat_body(top_p=0))
-    add("top_p_above_one", 422, chat_body(top_p=1.5))
-    add("top_k_below_minus_one", 422, chat_body(top_k=-2))
-    add("repetition_penalty_zero", 422, chat_body(repetition_penalty=0))
-    add("seed_too_large", 422, chat_body(seed=2**70))
-    add("too_many_stop_strings", 422, chat_body(stop=["a", "b", "c", "d", "e"]))
-    add("stop_string_too_long", 422, chat_body(stop="s" * 500))
-    add("stream_not_bool", 422, chat_body(stream=[]))
-    add("unknown_field", 422, chat_body(foo="bar"))
-    add("too_many_messages", 422, {"messages": [{"role": "user", "content": "hi"}] * 1000, "max_tokens": 2})
-    add("text_too_long", 422, chat_body("y" * 100_000))
+    # ---- schema (400, never 422) -------------------------------------------------------------
+    add("top_level_array", 400, [1, 2])
+    add("top_level_string", 400, "hello")
+    add("top_level_null", 400, None)
+    add("missing_messages", 400, {"max_tokens": 2})
+    add("empty_messages", 400, {"messages": []})
+    add("messages_not_list", 400, {"messages": "hi"})
+    add("message_without_role", 400, {"messages": [{"content": "hi"}]})
+    add("unknown_role", 400, {"messages": [{"role": "robot", "content": "hi"}]})
+    add("content_is_number", 400, chat_body(42))
+    add("unknown_part_type", 400, chat_body([{"type": "audio", "audio": "..."}]))
+    add("image_part_without_url", 400, chat_body([{"type": "image_url", "image_url": {}}]))
+    add("max_tokens_string", 400, chat_body(max_tokens="ten"))
+    add("max_tokens_zero", 400, chat_body(max_tokens=0))
+    add("max_tokens_negative", 400, chat_body(max_tokens=-5))
+    add("max_tokens_absurd", 400, chat_body(max_tokens=2**40))
+    add("temperature_negative", 400, chat_body(temperature=-1))
+    add("temperature_huge", 400, chat_body(temperature=1e308))
+    add("temperature_nan", 400, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
+    add("top_p_infinity", 400, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}')
+    add("top_p_zero", 400, chat_body(top_p=0))
+    add("top_p_above_one", 400, chat_body(top_p=1.5))
+    add("top_k_below_minus_one", 400, chat_body(top_k=-2))
+    add("repetition_penalty_zero", 400, chat_body(repetition_penalty=0))
+    add("seed_too_large", 400, chat_body(seed=2**70))
+    add("too_many_stop_strings", 400, chat_body(stop=["a", "b", "c", "d", "e"]))
+    add("stop_string_too_long", 400, chat_body(stop="s" * 500))
+    add("stream_not_bool", 400, chat_body(stream=[]))
+    add("content_null", 400, chat_body(None))
+    add("logit_bias_out_of_range", 400, chat_body(logit_bias={"5": 500}))
+    add("top_logprobs_above_20", 400, chat_body(logprobs=True, top_logprobs=21))
+    add("too_many_messages", 400, {"messages": [{"role": "user", "content": "hi"}] * 1000, "max_tokens": 2})
+    add("text_too_long", 400, chat_body("y" * 100_000))
     # ---- semantics the schema cannot see (400) ------------------------------------------------
-    add("n_above_one", 400, chat_body(n=2))
+    add("n_above_server_max", 400, chat_body(n=9))
     add(
         "tool_choice_unknown_function",
         400,
@@ -130,7 +133,13 @@ def build_corpus(max_request_bytes: int, max_model_len: int) -> list[BadCase]:
             tool_choice={"type": "function", "function": {"name": "g"}},
         ),
     )
-    add("logprobs", 400, chat_body(logprobs=True))
+    add("top_logprobs_without_logprobs", 400, chat_body(top_logprobs=2))
+    add("logit_bias_not_a_token_id", 400, chat_body(logit_bias={"abc": 1}))
+    add(
+        "audio_output",
+        400,
+        chat_body(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}),
+    )
     add("min_tokens_above_max", 400, chat_body(min_tokens=5, max_tokens=2))
     add("last_message_from_assistant", 400, {"messages": [{"role": "assistant", "content": "hi"}]})
     other_png = png_bytes(color=(0, 0, 255))  # a different image: repeats of the same bytes are allowed

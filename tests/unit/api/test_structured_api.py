@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+from cogvlm_ray.api.responses import ChunkWriter, CompletionBuilder
 from cogvlm_ray.api.structured import TOOL_CALL_BEGIN, TOOL_CALL_END, structured_request
 from cogvlm_ray.api.tool_calls import ToolCallStreamer, parse_output, render_tool_messages
+from cogvlm_ray.contracts import RequestOutput
 from cogvlm_ray.errors import InvalidRequestError
 
 WEATHER = {
@@ -213,3 +215,55 @@ def test_to_conversation_renders_tools_and_tool_results():
         ("hi", f'{TOOL_CALL_BEGIN}{{"name": "f", "arguments": {{}}}}{TOOL_CALL_END}')
     ]
     assert conversation.query == "Tool result (c1): done"
+
+
+def _outputs(text: str, index: int, size: int = 4) -> list[RequestOutput]:
+    pieces = [text[i : i + size] for i in range(0, len(text), size)]
+    return [
+        RequestOutput(
+            request_id="r",
+            new_text=piece,
+            finish_reason="stop" if k == len(pieces) - 1 else None,
+            num_prompt_tokens=9,
+            num_generated_tokens=k + 1,
+            num_cached_tokens=3,
+            index=index,
+        )
+        for k, piece in enumerate(pieces)
+    ]
+
+
+def test_response_builders_carry_tool_calls_for_every_choice():
+    """Issue 15's builders (n choices, usage with cached_tokens) with issue 16's tool calls."""
+    auto = 'Sure. <tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    builder = CompletionBuilder(2, logprobs=False, tool_mode="forced")
+    writer = ChunkWriter("id", "m", num_choices=2, include_usage=True, tool_mode="forced")
+    events = writer.role()
+    for output in [*_outputs(FORCED, 0), *_outputs(FORCED, 1)]:
+        builder.add(output)
+        events += writer.delta(output)
+    body = builder.body("id", "m", created=0)
+    for choice in body["choices"]:
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        call = choice["message"]["tool_calls"][0]["function"]
+        assert (
+            call["name"] == "get_weather" and json.loads(call["arguments"]) == json.loads(FORCED)["arguments"]
+        )
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+    chunks = [json.loads(e) for e in events.split("data: ")[1:]]
+    for index in (0, 1):
+        deltas = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+        fragments = [
+            d["delta"]["tool_calls"][0]["function"]["arguments"] for d in deltas if "tool_calls" in d["delta"]
+        ]
+        assert (
+            "".join(fragments) == body["choices"][index]["message"]["tool_calls"][0]["function"]["arguments"]
+        )
+        assert [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["tool_calls"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    auto_builder = CompletionBuilder(1, logprobs=False, tool_mode="auto")
+    for output in _outputs(auto, 0):
+        auto_builder.add(output)
+    choice = auto_builder.body("id", "m")["choices"][0]
+    assert choice["message"]["content"] == "Sure. " and choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_time"

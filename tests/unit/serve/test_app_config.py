@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -124,10 +125,24 @@ def test_sampling_defaults_have_one_source():
 
     args, chat, sampling = AppArgs(), ChatDefaults(), SamplingParams()
     assert args.default_max_tokens == chat.max_tokens == sampling.max_tokens
-    assert args.default_temperature == chat.temperature == sampling.temperature
+    assert args.default_temperature is None  # None: the checkpoint's generation_config.json, else:
+    assert args.chat_defaults.temperature == chat.temperature == sampling.temperature
     assert args.chat_defaults == chat
     with pytest.raises(ValueError, match="temperature"):
         parse_args({"default_temperature": 3.0})
+
+
+def test_sampling_defaults_come_from_generation_config_unless_set(tmp_path, caplog):
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.8, "top_p": 0.8, "top_k": 1, "max_length": 8192})
+    )
+    defaults = AppArgs().chat_defaults_for(tmp_path)
+    assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.8, 0.8, 1)
+    assert AppArgs(default_temperature=0.3).chat_defaults_for(tmp_path).temperature == 0.3
+    assert AppArgs().chat_defaults_for(tmp_path / "missing") == AppArgs().chat_defaults  # documented fallback
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 9.0}))
+    assert AppArgs().chat_defaults_for(tmp_path).temperature == 1.0  # out of range: skipped, warned
+    assert "generation_config.json" in caplog.text
 
 
 def test_metrics_directory_env_var_wins(monkeypatch: pytest.MonkeyPatch):

@@ -8,7 +8,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from cogvlm_ray.api.chat import ChatDefaults, ChunkWriter
+from cogvlm_ray.api.chat import ChatDefaults
+from cogvlm_ray.api.responses import ChunkWriter
 from cogvlm_ray.contracts import RequestOutput
 from cogvlm_ray.errors import (
     EngineDeadError,
@@ -67,13 +68,14 @@ def test_non_streaming_completion_shape_usage_and_engine_inputs():
     assert body.choices[0].message.content == "Hello, world!"
     assert body.choices[0].finish_reason == "stop"
     assert body.usage.model_dump() == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
-    assert response.headers["x-request-id"] == body.id
+    assert response.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert response.headers.get_list("x-request-id") == [body.id.removeprefix("chatcmpl-")]
     call = backend.calls[0]
     assert call["conversation"] == Conversation(query="Say hello", history=[], system=None)  # parsed once
     assert call["template_version"] == "vqa"
     params = call["sampling_params"]
     assert (params.max_tokens, params.temperature, params.stop, params.top_k) == (33, 0.0, ("END",), 0)
-    assert backend.closed == [body.id]
+    assert backend.closed == [call["request_id"]] and call["request_id"].startswith(body.id)
 
 
 def test_stream_framing_finish_reason_only_last_and_joined_text_equals_non_stream():
@@ -98,7 +100,12 @@ def test_stream_include_usage_adds_a_final_usage_chunk():
     payloads = sse_payloads(response.text)
     usage_chunk = payloads[-2]
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 4,
+        "total_tokens": 11,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert all(p["usage"] is None for p in payloads[:-2])
     assert payloads[-3]["choices"][0]["finish_reason"] == "stop"
 
@@ -118,8 +125,7 @@ def test_models_and_health():
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"n": 9}, "n"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"tool_choice": "required"}, "tool_choice"),
@@ -130,12 +136,19 @@ def test_models_and_health():
             },
             "tool_choice",
         ),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"web_search_options": {}}, "web_search_options"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"max_tokens": 3, "min_tokens": 5}, "min_tokens"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+            "messages[0].content[0].type",
+        ),
     ],
 )
 def test_unsupported_semantics_are_400_not_ignored(body, param):
@@ -146,24 +159,32 @@ def test_unsupported_semantics_are_400_not_ignored(body, param):
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "param"),
     [
-        {"messages": []},
-        {"messages": [{"role": "user", "content": "x"}] * 129},
-        {"messages": [{"role": "user", "content": "x" * 70_000}]},
-        {"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
-        {"messages": MESSAGES, "temperature": 2.5},
-        {"messages": MESSAGES, "top_p": 0},
-        {"messages": MESSAGES, "max_tokens": 0},
-        {"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]},
-        {"messages": MESSAGES, "stop": ["x" * 65]},
-        {"messages": MESSAGES, "surprise": 1},
-        {"messages": MESSAGES, "template_version": "llama3"},
-        {"model": "cogvlm2-tiny"},
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}] * 129}, "messages"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "x" * 70_000}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+        ({"messages": MESSAGES, "temperature": 2.5}, "temperature"),
+        ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": MESSAGES, "stop": ["x" * 65]}, "stop[0]"),
+        ({"messages": MESSAGES, "template_version": "llama3"}, "template_version"),
+        ({"messages": MESSAGES, "logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"model": "cogvlm2-tiny"}, "messages"),
     ],
 )
-def test_schema_violations_are_422(raw):
-    assert_openai_error(make_client().post("/v1/chat/completions", json=raw), 422, "invalid_request_error")
+def test_schema_violations_are_400_with_dotted_param(raw, param):
+    response = make_client().post("/v1/chat/completions", json=raw)
+    error = assert_openai_error(response, 400, "invalid_request_error")
+    assert error["param"] == param
+    assert "constrained" not in error["message"] and "tagged-union" not in error["message"]
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -172,7 +193,7 @@ def test_nan_and_inf_are_rejected(literal):
     response = make_client().post(
         "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
     )
-    error = assert_openai_error(response, 422)
+    error = assert_openai_error(response, 400)
     assert error["param"] == "temperature"
 
 
@@ -269,7 +290,8 @@ def test_closing_the_sse_generator_closes_the_backend_stream():
     async def scenario():
         outputs = backend.generate(None, None, None, "req-1").__aiter__()  # type: ignore[arg-type]
         first: RequestOutput = await outputs.__anext__()
-        events = _sse_events(ChunkWriter("req-1", "m", include_usage=False), first, outputs, None, None)
+        scope: dict = {}
+        events = _sse_events(ChunkWriter("req-1", "m"), first, outputs, None, None, scope, "req-1")
         received = [await events.__anext__(), await events.__anext__()]
         await events.aclose()
         return received
@@ -282,7 +304,7 @@ def test_closing_the_sse_generator_closes_the_backend_stream():
 def test_http_requests_metric_counts_by_route_and_status():
     client = make_client()
     post(client)
-    post(client, n=3)
+    post(client, n=9)
     client.get("/v1/nothing")
     text = client.get("/metrics").text
     assert 'cogvlm_http_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text

@@ -17,7 +17,17 @@ REQUIRED_NAMES = {
     "cogvlm_num_requests_running", "cogvlm_num_requests_waiting", "cogvlm_kv_cache_usage_perc",
     "cogvlm_prompt_tokens_total", "cogvlm_generation_tokens_total", "cogvlm_request_success_total",
     "cogvlm_image_cache_hits_total", "cogvlm_image_cache_queries_total", "cogvlm_http_requests_total",
-    "cogvlm_preprocess_seconds",
+    "cogvlm_preprocess_seconds", "cogvlm_prefix_cache_hits_total", "cogvlm_prefix_cache_queries_total",
+}  # fmt: skip
+
+#: Metrics recorded by the model replicas: each carries vLLM's `model_name` label.
+ENGINE_METRICS = {
+    "cogvlm_time_to_first_token_seconds", "cogvlm_inter_token_latency_seconds",
+    "cogvlm_e2e_request_latency_seconds", "cogvlm_request_queue_time_seconds",
+    "cogvlm_num_requests_running", "cogvlm_num_requests_waiting", "cogvlm_kv_cache_usage_perc",
+    "cogvlm_prompt_tokens", "cogvlm_generation_tokens", "cogvlm_request_success",
+    "cogvlm_image_cache_hits", "cogvlm_image_cache_queries", "cogvlm_prefix_cache_hits",
+    "cogvlm_prefix_cache_queries",
 }  # fmt: skip
 
 # A replica process: writes through Metrics in multiprocess mode, then exits.
@@ -25,10 +35,10 @@ WRITER = """
 import sys
 from cogvlm_ray.serve import metrics as m
 metrics = m.Metrics(multiprocess_dir=sys.argv[1])
-metrics.inc(m.GENERATION_TOKENS, float(sys.argv[2]))
+metrics.inc(m.GENERATION_TOKENS, float(sys.argv[2]), model_name="m")
 metrics.inc(m.HTTP_REQUESTS, route="/v1/chat/completions", status="200")
-metrics.set(m.NUM_REQUESTS_RUNNING, float(sys.argv[2]))
-metrics.set(m.KV_CACHE_USAGE, float(sys.argv[2]) / 10)
+metrics.set(m.NUM_REQUESTS_RUNNING, float(sys.argv[2]), model_name="m")
+metrics.set(m.KV_CACHE_USAGE, float(sys.argv[2]) / 10, model_name="m")
 metrics.observe(m.PREPROCESS_SECONDS, 0.01)
 print("ready", flush=True)
 sys.stdin.read()  # stay alive (a running replica) until the test closes stdin
@@ -49,7 +59,8 @@ def test_every_issue_metric_is_defined_once_with_exported_names():
     assert all(name.startswith(("cogvlm_", "ray_cogvlm_")) for name in exported)
     assert m.exported_metric_names(include_ray=False) == {n for n in exported if not n.startswith("ray_")}
     labels = {spec.name: spec.labels for spec in m.METRICS}
-    assert labels["cogvlm_request_success"] == ("finished_reason",)
+    assert labels["cogvlm_request_success"] == ("finished_reason", "model_name")
+    assert {name for name, names in labels.items() if "model_name" in names} == ENGINE_METRICS
     assert labels["cogvlm_http_requests"] == ("route", "status")
 
 

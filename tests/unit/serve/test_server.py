@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cogvlm_ray.contracts import PreparedPrompt, RequestOutput, SamplingParams
 from cogvlm_ray.engine.stats import EngineStats
-from cogvlm_ray.errors import EngineDeadError, OverloadedError
+from cogvlm_ray.errors import EngineDeadError, ImageError, OverloadedError
 from cogvlm_ray.serve.metrics import Metrics
 from cogvlm_ray.serve.server import ModelServer, PreprocessServer
 
@@ -52,6 +52,7 @@ class ScriptedEngine:
                     num_prompt_tokens=prepared.num_prompt_tokens, num_generated_tokens=i + 1,
                     arrival_time=arrival, first_scheduled_time=arrival + 0.5, first_token_time=arrival + 1.0,
                     emit_time=arrival + 1.0 + 0.25 * i, image_cache_hit=self.image_cache_hit,
+                    num_cached_tokens=2,
                 )  # fmt: skip
         finally:
             self.running.discard(request_id)
@@ -75,7 +76,9 @@ def samples(metrics: Metrics) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
-            key = sample.name + "".join(f"[{k}={v}]" for k, v in sorted(sample.labels.items()) if k != "le")
+            # model_name is on every engine metric (checked in the first test); keys leave it out
+            labels = sorted((k, v) for k, v in sample.labels.items() if k not in ("le", "model_name"))
+            key = sample.name + "".join(f"[{k}={v}]" for k, v in labels)
             if "le" not in sample.labels:
                 out[key] = out.get(key, 0.0) + sample.value
     return out
@@ -87,9 +90,13 @@ async def collect(server: ModelServer, request_id: str = "r1") -> list[RequestOu
 
 def test_generate_streams_deltas_and_records_engine_metrics():
     engine = ScriptedEngine(num_tokens=4, image_cache_hit=True)
-    server = ModelServer(lambda: engine, metrics=Metrics())
+    server = ModelServer(lambda: engine, metrics=Metrics(), model_name="tiny")
     outputs = asyncio.run(collect(server))
     assert [o.new_text for o in outputs] == ["t0", "t1", "t2", "t3"] and outputs[-1].finished
+    body = server.metrics.render()[0].decode()
+    assert 'cogvlm_generation_tokens_total{model_name="tiny"} 4.0' in body
+    assert 'cogvlm_prefix_cache_queries_total{model_name="tiny"} 3.0' in body
+    assert 'cogvlm_prefix_cache_hits_total{model_name="tiny"} 2.0' in body
     assert engine.started >= 1 and engine.aborted == []
     s = samples(server.metrics)
     assert s["cogvlm_generation_tokens_total"] == 4
@@ -122,8 +129,22 @@ def test_engine_rejections_surface_before_any_delta():
     engine = ScriptedEngine()
     engine.overloaded = True
     server = ModelServer(lambda: engine, metrics=Metrics())
-    with pytest.raises(OverloadedError):
-        asyncio.run(collect(server))
+    # Returned as the stream's only item, not raised: Ray Serve logs a traceback for every
+    # exception raised in a replica.
+    (error,) = asyncio.run(collect(server))
+    assert isinstance(error, OverloadedError)
+
+
+def test_a_failed_preprocessing_argument_is_passed_on_as_a_value():
+    engine = ScriptedEngine()
+    server = ModelServer(lambda: engine, metrics=Metrics())
+    refused = ImageError("cannot decode image")
+    outputs = asyncio.run(_collect_from(server, refused))
+    assert outputs == [refused] and engine.running == set()
+
+
+async def _collect_from(server: ModelServer, prepared) -> list:
+    return [o async for o in server.generate(prepared, SamplingParams(max_tokens=4), "r")]
 
 
 def test_gauges_health_and_shutdown():
@@ -155,3 +176,28 @@ def test_preprocess_server_times_prepare():
     server = PreprocessServer(Prep(), metrics=Metrics())
     assert asyncio.run(server.prepare([{"role": "user", "content": "x"}], 5, "vqa")) is PROMPT
     assert samples(server.metrics)["cogvlm_preprocess_seconds_count"] == 1
+
+
+def test_preprocess_server_returns_client_errors_instead_of_raising():
+    class Prep:
+        max_model_len = 8192
+
+        def prepare(self, messages, *, max_tokens, template_version):
+            raise ImageError("cannot decode image")
+
+        def tokenize(self, conversation, *, template_version):
+            return PROMPT
+
+        def encode_text(self, text, *, add_special_tokens=True):
+            return [5, 6]
+
+        def decode(self, token_ids):
+            raise ImageError("never")
+
+    from cogvlm_ray.api.tokenize import TokenizeJob
+
+    server = PreprocessServer(Prep(), metrics=Metrics())
+    assert isinstance(asyncio.run(server.prepare([], 5, None)), ImageError)
+    assert isinstance(asyncio.run(server.detokenize([1])), ImageError)
+    result = asyncio.run(server.tokenize(TokenizeJob(prompt="ab")))
+    assert (result.token_ids, result.max_model_len) == ([5, 6], 8192)

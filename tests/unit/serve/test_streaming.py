@@ -138,3 +138,25 @@ def test_model_server_streams_every_token_with_or_without_coalescing(interval_s)
     server, outs = asyncio.run(run())
     assert sum((o.new_token_ids for o in outs), []) == list(range(12))
     assert outs[-1].finished and server.engine.aborted == []
+
+
+def test_choices_of_an_n_request_are_coalesced_separately():
+    """n > 1 interleaves choices in one stream; deltas of different choices never merge."""
+
+    async def interleaved():
+        for i in range(20):
+            for index in range(3):
+                await asyncio.sleep(0.002)
+                output = delta(i, last=i == 19)
+                output.index = index
+                yield output
+
+    async def run() -> list[RequestOutput]:
+        return [o async for o in coalesce(interleaved(), 0.05)]
+
+    outputs = asyncio.run(run())
+    assert len(outputs) < 60 / 2  # coalesced
+    for index in range(3):
+        mine = [o for o in outputs if o.index == index]
+        assert sum((o.new_token_ids for o in mine), []) == list(range(20))
+        assert [o.finish_reason for o in mine] == [None] * (len(mine) - 1) + ["length"]
