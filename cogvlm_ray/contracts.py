@@ -5,7 +5,7 @@ paying for torch. Each arrow of the data path in `engine/__init__.py` that leave
 for another is one of these:
 
     PreparedPrompt   preprocess -> engine (through Ray's object store)
-    SamplingParams   api -> engine
+    SamplingParams   api -> engine (with its optional StructuredOutputSpec)
     RequestOutput    engine -> serve/api (streamed deltas)
 
 plus `FinishReason`, the token-type constants shared by the prompt builder and the model, and
@@ -51,6 +51,27 @@ class PreparedPrompt:
 
 
 FinishReason = Literal["stop", "length", "abort"]
+
+StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "structural_tag"]
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """What a constrained request's output must match (engine/structured/ compiles it).
+
+    `value` is canonical text, so equal specs are equal strings and share one compiled grammar:
+    json_schema / structural_tag: JSON text (sorted keys); regex: the pattern; choice: a JSON
+    list of the allowed strings; json_object: "" (any JSON object).
+    """
+
+    kind: StructuredKind
+    value: str = ""
+    param: str | None = field(default=None, compare=False)
+    """The request field it came from, named by errors (default: by kind)."""
+
+    @property
+    def cache_key(self) -> tuple[str, str]:
+        return (self.kind, self.value)
 
 
 #: OpenAI's bounds: top_logprobs per token, |logit_bias| values, |presence/frequency_penalty|.
@@ -99,6 +120,9 @@ class SamplingParams:
     """Return each generated token's logprob (RequestOutput.new_logprobs)."""
     top_logprobs: int = 0
     """With logprobs: also the this many most likely tokens per position (0..20)."""
+
+    structured: StructuredOutputSpec | None = None
+    """Grammar the output must match (JSON mode, JSON schema, regex, choice, tool calls)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.logit_bias, Mapping):  # OpenAI's JSON form: {"token id": bias}
@@ -163,6 +187,11 @@ class SamplingParams:
                 self.logprobs or self.top_logprobs == 0,
                 "top_logprobs",
                 "top_logprobs requires logprobs to be true",
+            ),
+            (
+                self.structured is None or self.min_tokens == 0,
+                "min_tokens",
+                "min_tokens cannot be combined with structured output (the grammar decides the end)",
             ),
         ]
         for ok, param, message in checks:

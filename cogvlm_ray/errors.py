@@ -54,6 +54,16 @@ class ImageError(InvalidRequestError):
         super().__init__(message, param=param, code=code)
 
 
+class GrammarError(InvalidRequestError):
+    """400: a structured-output spec that cannot be compiled (bad or unsupported schema, regex,
+    choice list, or one over the compile time / size bounds); the message names what is wrong."""
+
+    def __init__(
+        self, message: str, *, param: str | None = "response_format", code: str | None = "invalid_grammar"
+    ):
+        super().__init__(message, param=param, code=code)
+
+
 class PromptTooLongError(InvalidRequestError):
     """400: prompt tokens + max_tokens exceed the context window."""
 

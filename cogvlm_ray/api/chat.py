@@ -2,7 +2,8 @@
 
 `ChatCompletionRequest` -> refusals of fields we do not implement (`api/fields.py`, 400), the
 cross-field rules (400), the model name (404), the `Conversation` for the preprocessor (parsed
-once, from the validated pydantic messages; tool messages rendered as text), and
+once, from the validated pydantic messages; tools and tool messages rendered as `<tool_call>`
+text by `api/tool_calls.py`), the structured-output spec (`api/structured.py`), and
 `SamplingParams` for the engine. Value ranges are pydantic's (`protocol.py`); the engine checks
 `SamplingParams` again on admission. The way back (deltas -> OpenAI bodies) is `api/responses.py`.
 
@@ -11,7 +12,6 @@ No I/O and no Ray here: `serve/ingress.py` drives these functions.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +19,9 @@ from typing import Any
 
 from cogvlm_ray.api.fields import check_implemented
 from cogvlm_ray.api.protocol import ChatCompletionRequest, ChatMessage, ImagePart, RefusalPart, TextPart
-from cogvlm_ray.contracts import SamplingParams
+from cogvlm_ray.api.structured import StructuredRequest, structured_request
+from cogvlm_ray.api.tool_calls import render_tool_messages
+from cogvlm_ray.contracts import SamplingParams, StructuredOutputSpec
 from cogvlm_ray.errors import InvalidRequestError, ModelNotFoundError
 from cogvlm_ray.preprocess.messages import Conversation, Turn, conversation_from_turns
 
@@ -88,51 +90,89 @@ def resolve_model_name(request: ChatCompletionRequest, served_model_names: Itera
     return request.model
 
 
-def to_conversation(request: ChatCompletionRequest) -> Conversation:
+def structured_output(request: ChatCompletionRequest) -> StructuredRequest:
+    """The request's output constraint (response_format / tools / guided_*), 400 on bad shapes."""
+    return structured_request(
+        response_format=request.response_format.model_dump(exclude_none=True)
+        if request.response_format
+        else None,
+        tools=request.tools,
+        tool_choice=request.tool_choice,
+        guided_json=request.guided_json,
+        guided_regex=request.guided_regex,
+        guided_choice=request.guided_choice,
+    )
+
+
+def to_conversation(
+    request: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
+) -> Conversation:
     """The typed conversation for the preprocessor ("developer" is a system message).
 
-    The pydantic schema has already checked every message's shape; this renders tool messages
-    as text and applies the pairing rules once (`preprocess.messages.conversation_from_turns`).
-    Tool rendering (docs/serving.md, "Tool messages"): an assistant message's `tool_calls` are
-    appended to its text as `Tool call <id>: <name>(<arguments>)` lines; a `tool` (or legacy
-    `function`) message becomes user text `Tool result (<tool_call_id or name>): <content>`,
-    joined with adjacent tool results and the user message that follows into one user turn.
+    The pydantic schema has already checked every message's shape; this checks the per-message
+    rules (content null only on an assistant message with tool calls, tool_call_id on tool
+    messages, text and image parts only) and applies the pairing rules once
+    (`preprocess.messages.conversation_from_turns`). Tools (`tools`, the request's function
+    definitions), assistant tool calls and `tool` results are first rendered as text in the
+    `<tool_call>` format the grammar enforces (`api/tool_calls.py`, docs/structured-output.md,
+    "Tool calls"); a legacy `function` message is a tool result named by its `name`, a legacy
+    `function_call` on an assistant message is one more call. A conversation without any of them
+    takes the direct path.
     """
-    turns: list[tuple[Turn, bool]] = []  # (turn, is a tool result)
+    needs_rendering = bool(tools)
     for index, message in enumerate(request.messages):
-        turn = _turn(index, message)
-        is_tool = message.role in ("tool", "function")
-        if turns and turn.role == "user" and turns[-1][0].role == "user" and (is_tool or turns[-1][1]):
-            previous, _ = turns.pop()
-            turn = Turn(
-                previous.index,
-                "user",
-                "\n".join(t for t in (previous.text, turn.text) if t),
-                previous.image_urls + turn.image_urls,
+        where = f"messages[{index}]"
+        has_calls = bool(message.tool_calls) or message.function_call is not None
+        if message.content is None and not (message.role == "assistant" and has_calls):
+            raise InvalidRequestError(
+                f"{where}.content must be a string or a list of content parts (null only on an "
+                "assistant message with tool_calls)",
+                param=f"{where}.content",
             )
-            is_tool = True
-        turns.append((turn, is_tool))
-    return conversation_from_turns(turn for turn, _ in turns)
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequestError(
+                f"{where}: a tool message needs tool_call_id", param=f"{where}.tool_call_id"
+            )
+        _content(message, where)  # refuses audio / file parts, naming them
+        needs_rendering = needs_rendering or has_calls or message.role in ("tool", "function")
+    if not needs_rendering:
+        return conversation_from_turns(
+            _turn(index, message) for index, message in enumerate(request.messages)
+        )
+    dicts = [_message_dict(index, message) for index, message in enumerate(request.messages)]
+    rendered = render_tool_messages(dicts, tools or [])
+    return conversation_from_turns(_rendered_turn(m) for m in rendered)
+
+
+def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
+    """A message as the tool renderer reads it (legacy function fields mapped onto tool ones)."""
+    out = {**message.model_dump(exclude_none=True), "index": index}
+    if message.role == "function":
+        out["role"] = "tool"
+        out["tool_call_id"] = message.name or "function"
+    if message.function_call is not None:
+        out["tool_calls"] = [*(message.tool_calls or ()), {"function": message.function_call}]
+    return out
+
+
+def _rendered_turn(message: dict[str, Any]) -> Turn:
+    """A Turn from a rendered message dict (content parts as `model_dump` wrote them). Not
+    re-validated: the rendered tool text may exceed the per-message bound the client had to keep."""
+    role = "system" if message["role"] == "developer" else message["role"]
+    content = message.get("content") or ""
+    if isinstance(content, str):
+        return Turn(message.get("index", 0), role, content)
+    texts = [
+        part["text"] if part.get("type") == "text" else part["refusal"]
+        for part in content
+        if part.get("type") in ("text", "refusal")
+    ]
+    urls = tuple(part["image_url"]["url"] for part in content if part.get("type") == "image_url")
+    return Turn(message.get("index", 0), role, "\n".join(texts), urls)
 
 
 def _turn(index: int, message: ChatMessage) -> Turn:
-    where = f"messages[{index}]"
-    has_calls = bool(message.tool_calls) or message.function_call is not None
-    if message.content is None and not (message.role == "assistant" and has_calls):
-        raise InvalidRequestError(
-            f"{where}.content must be a string or a list of content parts (null only on an "
-            "assistant message with tool_calls)",
-            param=f"{where}.content",
-        )
-    text, urls = _content(message, where)
-    if message.role == "assistant":
-        calls = [_render_call(call) for call in message.tool_calls or ()]
-        if message.function_call is not None:
-            calls.append(_render_call({"function": message.function_call}))
-        return Turn(index, "assistant", "\n".join(t for t in (text, *calls) if t), urls)
-    if message.role in ("tool", "function"):
-        source = message.tool_call_id or message.name or message.role
-        return Turn(index, "user", f"Tool result ({source}): {text}", urls)
+    text, urls = _content(message, f"messages[{index}]")
     return Turn(index, "system" if message.role == "developer" else message.role, text, urls)
 
 
@@ -160,15 +200,6 @@ def _content(message: ChatMessage, where: str) -> tuple[str, tuple[str, ...]]:
     return "\n".join(texts), tuple(urls)
 
 
-def _render_call(call: dict[str, Any]) -> str:
-    function = call.get("function") if isinstance(call.get("function"), dict) else {}
-    name = function.get("name", "?")
-    arguments = function.get("arguments", "")
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return f"Tool call {call.get('id', '')}: {name}({arguments})".replace("call :", "call:")
-
-
 def _logit_bias(request: ChatCompletionRequest) -> dict[int, float]:
     bias: dict[int, float] = {}
     for key, value in (request.logit_bias or {}).items():
@@ -185,7 +216,9 @@ def _logit_bias(request: ChatCompletionRequest) -> dict[int, float]:
     return bias
 
 
-def to_sampling_params(request: ChatCompletionRequest, defaults: ChatDefaults) -> SamplingParams:
+def to_sampling_params(
+    request: ChatCompletionRequest, defaults: ChatDefaults, structured: StructuredOutputSpec | None = None
+) -> SamplingParams:
     """Engine sampling parameters. Ranges were checked by the schema; the one cross-field rule
     that depends on the server defaults (min_tokens <= max_tokens) is checked here."""
     max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_tokens
@@ -211,7 +244,13 @@ def to_sampling_params(request: ChatCompletionRequest, defaults: ChatDefaults) -
         n=request.n or 1,
         logprobs=bool(request.logprobs),
         top_logprobs=(request.top_logprobs or 0) if request.logprobs else 0,
+        structured=structured,
     )
+    if structured is not None and params.min_tokens:
+        raise InvalidRequestError(
+            "min_tokens cannot be combined with structured output (the grammar decides the end)",
+            param="min_tokens",
+        )
     if params.min_tokens > params.max_tokens:
         raise InvalidRequestError("min_tokens must be in [0, max_tokens]", param="min_tokens")
     return params

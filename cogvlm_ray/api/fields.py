@@ -3,8 +3,9 @@
 Owns three things, in one place so they can be read (and edited) as a table:
   * `NOT_IMPLEMENTED`: fields that would change the output and that this server does not do
     (yet). Each row is (field, is-refused predicate, message); a request using one gets a 400
-    `invalid_request_error` with code `unsupported_parameter` naming the field. The
-    structured-output work removes the `tools` / `response_format` rows when it lands.
+    `invalid_request_error` with code `unsupported_parameter` naming the field. `tools`,
+    `tool_choice`, `response_format` and vLLM's `guided_*` are honoured by the structured-output
+    code (`api/structured.py`, docs/structured-output.md), which gives its own 400s for bad shapes.
   * `IGNORED_FIELDS`: OpenAI fields accepted and ignored because they change nothing about the
     tokens generated here (storage, billing, routing hints, reasoning knobs of other models).
   * `warn_unknown_fields`: fields no schema declares are accepted and logged once per name
@@ -26,33 +27,17 @@ logger = logging.getLogger(__name__)
 Refusal = tuple[str, Callable[[Any], bool], str]
 
 
-def _tool_choice_refused(request: Any) -> bool:
-    # "none" and "auto" without tools mean plain text, which is what we generate.
-    return request.tool_choice not in (None, "none", "auto")
-
-
 def _modalities_refused(request: Any) -> bool:
     return any(m != "text" for m in request.modalities or ())
 
 
 #: Fields that change the output and are not implemented. (field, refused?, message).
 NOT_IMPLEMENTED: tuple[Refusal, ...] = (
-    ("tools", lambda r: bool(r.tools), "tool calling is not supported yet"),
-    (
-        "tool_choice",
-        _tool_choice_refused,
-        "tool_choice other than 'none'/'auto' needs tools, not supported yet",
-    ),
-    ("functions", lambda r: bool(r.functions), "function calling is not supported"),
+    ("functions", lambda r: bool(r.functions), "the legacy functions field is not supported; use tools"),
     (
         "function_call",
         lambda r: r.function_call not in (None, "none", "auto"),
-        "function calling is not supported",
-    ),
-    (
-        "response_format",
-        lambda r: r.response_format is not None and r.response_format.type != "text",
-        "only response_format type 'text' is supported yet",
+        "the legacy function_call field is not supported; use tool_choice",
     ),
     ("audio", lambda r: r.audio is not None, "audio output is not supported (CogVLM2 generates text)"),
     ("modalities", _modalities_refused, "only the 'text' output modality is supported"),

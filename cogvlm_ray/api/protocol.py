@@ -31,6 +31,9 @@ MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_TOKENS_LIMIT = 1 << 20
 """Schema upper bound for max_tokens; the real limit is the context window (checked later, 400)."""
 MAX_MODEL_NAME_CHARS = 256
+MAX_TOOLS = 64
+MAX_TOOL_CALLS = 16
+MAX_GUIDED_CHOICES = 256
 MAX_N = 128
 """Schema bound for n; the server's own limit (`EngineConfig.max_n`, default 8) is checked later."""
 MAX_DETOKENIZE_IDS = 1 << 16
@@ -75,9 +78,10 @@ ContentPart = Annotated[TextPart | ImagePart | RefusalPart | UnsupportedPart, Fi
 
 
 class ChatMessage(_Part):
-    """One message. `tool` messages and assistant `tool_calls` are rendered as plain text
-    (docs/serving.md, "Tool messages"); `content` may be null only on an assistant message
-    carrying tool_calls (checked in `api/chat.py`, naming `messages[i].content`)."""
+    """One message. Assistant `tool_calls` and `tool` results are rendered into the prompt in
+    the `<tool_call>` format the grammar enforces (`api/tool_calls.py`, docs/structured-output.md);
+    `content` may be null only on an assistant message carrying tool_calls (checked in
+    `api/chat.py`, naming `messages[i].content`)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: (
@@ -86,8 +90,10 @@ class ChatMessage(_Part):
         | None
     ) = None
     name: Annotated[str, Field(max_length=64)] | None = None
-    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    """Assistant messages: the calls it made (rendered into the prompt, api/tool_calls.py)."""
     tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+    """Tool messages: which call this is the result of."""
     function_call: dict[str, Any] | None = None
 
 
@@ -140,9 +146,10 @@ class ChatCompletionRequest(BaseModel):
     ) = None
     """Token id (as a string, OpenAI's JSON shape) -> bias added to its logit."""
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    """Accepted; at most one call is generated per response."""
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
@@ -172,6 +179,15 @@ class ChatCompletionRequest(BaseModel):
     ) = None
     ignore_eos: bool = False
     template_version: Literal["base", "chat", "vqa"] | None = None
+    # vLLM's structured-output extensions (api/structured.py, docs/structured-output.md).
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
+    guided_choice: (
+        Annotated[
+            list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]], Field(max_length=MAX_GUIDED_CHOICES)
+        ]
+        | None
+    ) = None
 
 
 class TokenizeChatRequest(BaseModel):

@@ -6,6 +6,10 @@ top_logprobs), and `usage` with `prompt_tokens_details.cached_tokens` (prompt to
 the prefix cache). Streaming sends, per choice, a role chunk, content chunks and one chunk with
 `finish_reason`; with `stream_options.include_usage` a last chunk with empty `choices` carries
 the usage, and with `continuous_usage_stats` too every chunk carries the usage so far (vLLM).
+With tools (`tool_mode` "forced" or "auto", `api/structured.py`), each choice's text is split
+into `content` and `tool_calls` by `api/tool_calls.py`: non-streamed in `message.tool_calls`,
+streamed as `tool_calls` deltas (a `ToolCallStreamer` per choice); a choice with a call
+finishes with `finish_reason: "tool_calls"`.
 
 No I/O and no Ray: `serve/ingress.py` feeds these objects the deltas it reads.
 """
@@ -17,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cogvlm_ray.api.structured import ToolMode
+from cogvlm_ray.api.tool_calls import ToolCallStreamer, parse_output
 from cogvlm_ray.contracts import RequestOutput
 from cogvlm_ray.errors import CogVLMError, ServiceUnavailableError
 
@@ -70,9 +76,10 @@ class _Choice:
 class CompletionBuilder:
     """Collects the deltas of a non-streamed request into the `chat.completion` body."""
 
-    def __init__(self, num_choices: int, *, logprobs: bool):
+    def __init__(self, num_choices: int, *, logprobs: bool, tool_mode: ToolMode = "none"):
         self.num_choices = num_choices
         self.logprobs = logprobs
+        self.tool_mode = tool_mode
         self.choices = [_Choice() for _ in range(num_choices)]
         self.usage = UsageCounter()
         self.num_finished = 0
@@ -97,16 +104,25 @@ class CompletionBuilder:
             "object": "chat.completion",
             "created": int(time.time()) if created is None else created,
             "model": model,
-            "choices": [
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": "".join(choice.parts)},
-                    "logprobs": {"content": choice.logprobs, "refusal": None} if self.logprobs else None,
-                    "finish_reason": choice.finish_reason,
-                }
-                for index, choice in enumerate(self.choices)
-            ],
+            "choices": [self._choice(index, choice) for index, choice in enumerate(self.choices)],
             "usage": self.usage.as_dict(),
+        }
+
+    def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
+        text = "".join(choice.parts)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish_reason = choice.finish_reason
+        if self.tool_mode != "none":
+            parsed = parse_output(text, self.tool_mode, finish_reason)
+            message = {"role": "assistant", "content": parsed.content}
+            if parsed.tool_calls:
+                message["tool_calls"] = parsed.tool_calls
+            finish_reason = parsed.finish_reason
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": {"content": choice.logprobs, "refusal": None} if self.logprobs else None,
+            "finish_reason": finish_reason,
         }
 
 
@@ -123,6 +139,7 @@ class ChunkWriter:
         continuous_usage: bool = False,
         logprobs: bool = False,
         created: int | None = None,
+        tool_mode: ToolMode = "none",
     ):
         self.request_id = request_id
         self.model = model
@@ -133,6 +150,9 @@ class ChunkWriter:
         self.created = int(time.time()) if created is None else created
         self.usage = UsageCounter()
         self.finished: set[int] = set()
+        self.tools = (
+            [ToolCallStreamer(tool_mode) for _ in range(num_choices)] if tool_mode != "none" else None
+        )
 
     @property
     def is_complete(self) -> bool:
@@ -169,6 +189,8 @@ class ChunkWriter:
         self.usage.add(output)
         entries = logprob_entries(output)
         logprobs = {"content": entries, "refusal": None} if self.logprobs and entries else None
+        if self.tools is not None:
+            return self._tool_delta(output, logprobs)
         if output.finish_reason is not None:
             self.finished.add(output.index)
             delta = {"content": output.new_text} if output.new_text else {}
@@ -177,6 +199,28 @@ class ChunkWriter:
         if not output.new_text and logprobs is None:
             return ""
         return self._chunk(output.index, {"content": output.new_text}, None, logprobs)
+
+    def _tool_delta(self, output: RequestOutput, logprobs: Any) -> str:
+        """Content and `tool_calls` deltas of one choice, from its `ToolCallStreamer`."""
+        assert self.tools is not None
+        streamer = self.tools[output.index]
+        deltas = streamer.feed(output.new_text) if output.new_text else []
+        finish_reason = None
+        if output.finish_reason is not None:
+            self.finished.add(output.index)
+            last, finish_reason = streamer.finish(output.finish_reason)
+            deltas = [*deltas, *last]
+        events = ""
+        for delta in deltas:
+            events += self._chunk(output.index, delta, None, logprobs)
+            logprobs = None  # the step's logprobs ride on its first chunk
+        if logprobs is not None and finish_reason is None:
+            events += self._chunk(output.index, {}, None, logprobs)
+            logprobs = None
+        if output.finish_reason is None:
+            return events
+        events += self._chunk(output.index, {}, finish_reason, logprobs)
+        return events + (self._usage() if self.is_complete else "")
 
     def _usage(self) -> str:
         if not self.include_usage:

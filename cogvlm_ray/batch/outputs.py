@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogvlm_ray.api.chat import completion_body
+from cogvlm_ray.api.responses import CompletionBuilder
 from cogvlm_ray.batch.schema import RESULT_SCHEMA, parse_error
 from cogvlm_ray.contracts import RequestOutput
 
@@ -66,10 +66,12 @@ def openai_line(row: dict[str, Any], *, model: str, created: int | None = None) 
         return {"id": request_id, "custom_id": row["id"],
                 "response": {"status_code": error["status_code"], "request_id": request_id, "body": body},
                 "error": {"code": error["error"].get("code"), "message": error["error"]["message"]}}  # fmt: skip
-    last = RequestOutput(request_id=request_id, finish_reason=row["finish_reason"],
+    last = RequestOutput(request_id=request_id, new_text=row["text"], finish_reason=row["finish_reason"],
                          num_prompt_tokens=row["prompt_tokens"], num_generated_tokens=row["completion_tokens"])  # fmt: skip
     created = int(time.time()) if created is None else created
-    body = completion_body(f"chatcmpl-{uuid.uuid4().hex}", model, created, row["text"], last)
+    builder = CompletionBuilder(1, logprobs=False)
+    builder.add(last)
+    body = builder.body(f"chatcmpl-{uuid.uuid4().hex}", model, created)
     return {"id": request_id, "custom_id": row["id"],
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}  # fmt: skip
 

@@ -24,7 +24,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ValidationError
 
-from cogvlm_ray.api.chat import ChatDefaults, check_supported, to_conversation, to_sampling_params
+from cogvlm_ray.api.chat import (
+    ChatDefaults,
+    check_supported,
+    structured_output,
+    to_conversation,
+    to_sampling_params,
+)
 from cogvlm_ray.api.protocol import ChatCompletionRequest
 from cogvlm_ray.batch.schema import PREPARED_SCHEMA, error_json, error_row, to_table
 from cogvlm_ray.contracts import PreparedPrompt, SamplingParams
@@ -87,13 +93,23 @@ def prepare_request(
         )
         raise InvalidRequestError(f"invalid chat completion request: {problems}") from None
     check_supported(body)
+    if structured_output(body).spec is not None:
+        # One text column per row, no tool_calls column, and SamplingParams travel as flat JSON:
+        # a constraint would be silently dropped, so the row is refused instead.
+        raise InvalidRequestError(
+            "structured output (response_format, tools, guided_*) is not supported in batch jobs yet",
+            param="response_format",
+            code="unsupported_parameter",
+        )
     params = to_sampling_params(body, defaults)
     if params.n != 1 or params.logprobs:
         # The batch output has one text per row and no logprobs column (the engine could do
-        # both; check_supported refuses them too while the HTTP API does not offer them).
+        # both, and the HTTP API serves them).
         param = "n" if params.n != 1 else "logprobs"
         raise InvalidRequestError(
-            f"{param} is not supported in batch jobs; send one row per choice", param=param
+            f"{param} is not supported in batch jobs; send one row per choice",
+            param=param,
+            code="unsupported_parameter",
         )
     conversation = to_conversation(body)
     if image is not None:

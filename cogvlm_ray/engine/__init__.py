@@ -16,6 +16,10 @@ Data path (each arrow is one dataclass, defined in one place):
                                    detokenizer (stop strings) -> per-request asyncio queue
     -> OpenAI chunk                api/ (not here)
 
+Structured output (engine/structured/): a SamplingParams.structured spec is compiled off the loop
+into a grammar; its matcher masks the request's logits row each step (one bitmask, applied by the
+sampler) and advances on each sampled token.
+
 Modules: config (EngineConfig), kv_cache (paged blocks + tensors), image_cache (vision-feature
 LRU), validation, token_text (logprob token strings / bytes), engine (async API and the step
 loop; a request with n choices is n Requests sharing one stream). Stats: engine/stats.py.

@@ -46,6 +46,14 @@ class EngineConfig:
     max_images_per_step: int = 2
     """Encoder budget: prompts whose chunk needs the vision tower (image-feature cache misses)
     admitted per step, so one step never stalls every stream on many images."""
+    max_cached_grammars: int = 64
+    """Structured output: compiled grammars kept (LRU), one per distinct schema / regex / choice."""
+    grammar_compile_timeout_s: float = 10.0
+    """A request whose grammar takes longer to compile gets a 400 (the compile finishes off-loop)."""
+    max_grammar_spec_chars: int = 64 * 1024
+    """Largest schema / regex / choice list accepted (characters of its canonical JSON text)."""
+    max_grammar_bytes: int = 64 << 20
+    """Largest compiled grammar accepted (bytes)."""
 
     def validate(self) -> None:
         """Raise ValueError for settings the engine cannot run with."""
@@ -75,6 +83,11 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, got {self.attention_backend!r}"
             )
+
+        if self.max_cached_grammars < 1:
+            raise ValueError("max_cached_grammars must be >= 1")
+        if self.grammar_compile_timeout_s <= 0:
+            raise ValueError("grammar_compile_timeout_s must be > 0")
 
 
 def resolve_attention_backend(name: str, device_type: str) -> str:

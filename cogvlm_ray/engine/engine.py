@@ -12,6 +12,12 @@ loop thread; the worker thread only runs `ModelRunner.execute` on a `SchedulerOu
 before it starts. That is why `abort` is deferred: it is applied at the top of the next loop
 iteration (the KV blocks of a request in flight are never freed under a running forward),
 which frees the slot and KV within one step.
+
+Structured output: a request with a grammar spec joins the scheduler only once its grammar is
+compiled (a cache hit joins at once; a miss compiles on the manager's thread pool while the
+loop keeps stepping the other streams). A compile error ends the request's stream with a
+GrammarError (400) before any token. After each step the request's matcher accepts the sampled
+token; a grammar that terminates ends the request with "stop".
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.runner import ModelRunner, input_device
 from cogvlm_ray.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from cogvlm_ray.engine.stats import EngineStats
+from cogvlm_ray.engine.structured.manager import StructuredOutputManager
+from cogvlm_ray.engine.structured.xgrammar_backend import XGrammarBackend
 from cogvlm_ray.engine.validation import validate_prompt, validate_sampling_params
 from cogvlm_ray.errors import (
     EngineDeadError,
@@ -110,6 +118,16 @@ class Engine:
         )  # fmt: skip
         self.outputs = OutputProcessor(tokenizer)
         self.use_cuda_graphs = self._setup_decode_graphs(model, kv_caches, scratch_block=num_blocks)
+        self.structured = StructuredOutputManager(
+            lambda: XGrammarBackend(tokenizer, model_config.vocab_size, self.eos_token_ids),
+            max_cached_grammars=config.max_cached_grammars,
+            compile_timeout_s=config.grammar_compile_timeout_s,
+            max_spec_chars=config.max_grammar_spec_chars,
+            max_grammar_bytes=config.max_grammar_bytes,
+        )
+        self._compiling: dict[str, Request] = {}
+        """Requests waiting for their grammar (not in the scheduler yet)."""
+        self._compile_tasks: set[asyncio.Task[None]] = set()
         logger.info(
             "engine ready: %d KV blocks x %d tokens, max_model_len %d, eos ids %s, attention %s, CUDA graphs %s",
             num_blocks, config.block_size, self.max_model_len, self.eos_token_ids, self.attention_backend,
@@ -183,10 +201,13 @@ class Engine:
         choice_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
         if any(self._is_live(i) for i in {request_id, *choice_ids}):
             raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id")
-        if self.scheduler.num_waiting + n > self.config.max_waiting:
+        if sampling_params.structured is not None:
+            self.structured.check_spec(sampling_params.structured)
+        if self.scheduler.num_waiting + len(self._compiling) + n > self.config.max_waiting:
             raise OverloadedError(f"engine queue is full ({self.config.max_waiting} waiting requests)")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         leader: Request | None = None
+        requests: list[Request] = []
         for index, choice_id in enumerate(choice_ids):
             request = Request(
                 request_id=choice_id,
@@ -202,8 +223,13 @@ class Engine:
             if self.config.enable_prefix_caching and leader is None:
                 leader = request
             self.outputs.add(request, queue)
-            self.scheduler.add_request(request)
-        self._wake()
+            requests.append(request)
+        if sampling_params.structured is None:
+            for request in requests:
+                self.scheduler.add_request(request)
+            self._wake()
+        else:
+            self._add_constrained(requests)
         return self._iterate(queue, request_id, n)
 
     def _is_live(self, request_id: str) -> bool:
@@ -216,11 +242,51 @@ class Engine:
 
     def _choice_ids(self, request_id: str) -> list[str]:
         """The engine ids of the caller's request: itself, or its n choices."""
-        return [rid for rid, r in self.scheduler.requests.items() if r.output_request_id == request_id]
+        waiting = [*self.scheduler.requests.items(), *self._compiling.items()]
+        return [rid for rid, r in waiting if r.output_request_id == request_id]
 
     def abort(self, request_id: str) -> None:
         """Abort a request (all its choices); its slots and KV are freed before the next step runs."""
         self._pending_aborts.append(request_id)
+        self._wake()
+
+    def _add_constrained(self, requests: list[Request]) -> None:
+        """Schedule now on a grammar-cache hit; otherwise compile off the loop, then schedule.
+
+        `requests` are the choices of one request (one matcher each, one shared grammar)."""
+        spec = requests[0].sampling_params.structured
+        assert spec is not None
+        compiled = self.structured.cached(spec)
+        if compiled is not None:
+            self._schedule_with_grammar(requests, compiled)
+            return
+        for request in requests:
+            self._compiling[request.request_id] = request
+        task = asyncio.get_running_loop().create_task(self._compile_then_schedule(requests))
+        self._compile_tasks.add(task)
+        task.add_done_callback(self._compile_tasks.discard)
+
+    async def _compile_then_schedule(self, requests: list[Request]) -> None:
+        spec = requests[0].sampling_params.structured
+        assert spec is not None
+        try:
+            compiled = await self.structured.compile(spec)
+        except Exception as exc:
+            if not isinstance(exc, InvalidRequestError):
+                logger.exception("grammar compilation failed for %s", requests[0].output_request_id)
+                exc = InvalidRequestError(f"could not compile the grammar: {exc}", param="response_format")
+            for request in requests:
+                if self._compiling.pop(request.request_id, None) is not None:
+                    self.outputs.fail(request.request_id, exc)
+            return
+        live = [r for r in requests if self._compiling.pop(r.request_id, None) is not None]
+        if live:  # not aborted while compiling
+            self._schedule_with_grammar(live, compiled)
+
+    def _schedule_with_grammar(self, requests: list[Request], compiled: Any) -> None:
+        for request in requests:
+            request.grammar = self.structured.new_matcher(compiled)
+            self.scheduler.add_request(request)
         self._wake()
 
     def get_stats(self) -> EngineStats:
@@ -249,7 +315,8 @@ class Engine:
         deadline = time.monotonic() + timeout_s
         while self.scheduler.has_unfinished_requests() and time.monotonic() < deadline and self._dead is None:
             await asyncio.sleep(0.01)
-        for request_id in list(self.scheduler.requests):
+        pending = [*self.scheduler.requests.values(), *self._compiling.values()]
+        for request_id in dict.fromkeys(r.output_request_id for r in pending):
             self.abort(request_id)
         if self._loop_task is None or self._loop_task.done():
             self._apply_aborts()  # no loop will get to them
@@ -258,6 +325,7 @@ class Engine:
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self.structured.shutdown()
 
     # ---- the loop -------------------------------------------------------------------------
     async def step(self) -> None:
@@ -272,7 +340,10 @@ class Engine:
         for update in self.scheduler.update_from_output(scheduler_output, runner_output):
             request = update.request
             logprob = runner_output.logprobs.get(request.request_id)
-            if self.outputs.process(request, update.new_token_ids, update.finished, logprob):
+            finished = update.finished
+            if request.grammar is not None and self._advance_grammar(request, update.new_token_ids):
+                finished = True
+            if self.outputs.process(request, update.new_token_ids, finished, logprob):
                 if request.is_finished:
                     request.finish_reason = "stop"  # a stop string on the last allowed token
                 else:
@@ -287,6 +358,21 @@ class Engine:
             request = self.scheduler.requests.get(request_id)
             if request is not None and request.image_cache_hit is None:
                 request.image_cache_hit = hit
+
+    def _advance_grammar(self, request: Request, token_ids: list[int]) -> bool:
+        """Feed the sampled ids to the request's matcher; True when that finished the request."""
+        assert request.grammar is not None
+        for token_id in token_ids:
+            if not request.grammar.accept_token(token_id):
+                # The bitmask allows only grammar tokens, so this is a bug; end this request only.
+                logger.error("%s: token %d rejected by its grammar", request.request_id, token_id)
+                if not request.is_finished:
+                    self.scheduler.finish_request(request.request_id, "abort")
+                return True
+        if request.grammar.is_terminated() and not request.is_finished:
+            self.scheduler.finish_request(request.request_id, "stop")  # e.g. eos under ignore_eos
+            return True
+        return False
 
     def _record_step(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> None:
         stats = self._stats
@@ -319,7 +405,9 @@ class Engine:
     def _apply_aborts(self) -> None:
         while self._pending_aborts:
             for request_id in self._choice_ids(self._pending_aborts.pop()):
-                request = self.scheduler.finish_request(request_id, "abort")
+                request = self.scheduler.finish_request(request_id, "abort") or self._compiling.pop(
+                    request_id, None
+                )
                 if request is not None:
                     self.runner.release(request_id)
                     self.outputs.finish(request, "abort")

@@ -108,6 +108,13 @@ class OutputProcessor:
         if stream is not None and not stream.finished:
             self._put(stream, make_output(request, [], "", reason))
 
+    def fail(self, request_id: str, exc: BaseException) -> None:
+        """End one request's stream with `exc` (raised to its consumer), e.g. a grammar error."""
+        stream = self.streams.pop(request_id, None)
+        if stream is not None:
+            stream.finished = True
+            stream.queue.put_nowait(exc)
+
     def fail_all(self, exc: BaseException) -> None:
         """Wake every consumer with `exc` (the engine loop died)."""
         for stream in list(self.streams.values()):

@@ -17,10 +17,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cogvlm_ray.contracts import VISION_TOKEN_TYPE, FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from cogvlm_ray.engine.structured.backend import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -58,6 +62,8 @@ class Request:
     prefill_leader: Request | None = None
     """Choices 1..n-1 wait for choice 0 to compute the prompt, then reuse its cached blocks;
     cleared at admission."""
+    grammar: GrammarMatcher | None = None
+    """Structured output: the matcher the sampled ids must follow (set before scheduling)."""
 
     image_span: tuple[int, int] | None = field(init=False, default=None)
     """[first, end) prompt positions of the image (boi, patches, eoi); None for a text prompt."""

@@ -8,8 +8,9 @@ It never decides who runs. Given a `SchedulerOutput` it
 3. stages the step metadata (block tables, slot mapping, sequence lengths, positions, expert
    routing; `step_buffers.py`) into persistent buffers with one host-to-device copy, and runs
    `model.forward_flat` on the engine-allocated paged KV cache with no host sync;
-4. computes logits only for the last token of sequences that complete all their known tokens
-   and samples one id for each.
+4. computes logits only for the last token of sequences that complete all their known tokens,
+   masks the rows of constrained requests with their grammar's bitmask (structured/bitmask.py;
+   nothing happens when no row is constrained) and samples one id for each.
 
 A decode-only step (every sequence adds one generated token) goes to `decode_graphs` when the
 engine set one (`cuda_graphs.py`: static buffers, padding to a batch-size bucket, CUDA-graph
@@ -35,6 +36,7 @@ from cogvlm_ray.engine.request import Request
 from cogvlm_ray.engine.sampler import Sampler, SamplingRow
 from cogvlm_ray.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from cogvlm_ray.engine.step_buffers import StagedStep, StepBuffers, stage_step
+from cogvlm_ray.engine.structured.bitmask import GrammarBitmask
 from cogvlm_ray.model.layout import build_position_ids, build_vision_expert_mask
 from cogvlm_ray.model.pixels import normalize_image
 
@@ -102,6 +104,7 @@ class ModelRunner:
         self.image_cache = image_cache
         self.eos_token_ids = eos_token_ids
         self.device = input_device(model)
+        self.grammar_bitmask = GrammarBitmask(model.model_config.vocab_size)
         self._states: dict[str, _PromptState] = {}
         self.sampler = Sampler(model.model_config.vocab_size, max_num_seqs)
         self.buffers = StepBuffers(
@@ -164,7 +167,9 @@ class ModelRunner:
     ) -> RunnerOutput:
         """One new token for each of `items` from its last hidden state (`hidden` `[len(items), H]`)."""
         logits = self.model.compute_logits(hidden)  # [B_sampled, V] float32
-        sampled = self.sampler.sample(logits, [self._sampling_row(item.request) for item in items])
+        token_bitmask = self.grammar_bitmask.fill([item.request.grammar for item in items], logits.device)
+        rows = [self._sampling_row(item.request) for item in items]
+        sampled = self.sampler.sample(logits, rows, token_bitmask=token_bitmask)
         request_ids = [item.request.request_id for item in items]
         return RunnerOutput(
             dict(zip(request_ids, sampled.token_ids, strict=True)),

@@ -221,8 +221,9 @@ def create_app(
         warn_unknown_fields(body.model_extra or {})
         chat.check_supported(body, settings.max_n)
         model = chat.resolve_model_name(body, settings.served_model_names)
-        sampling_params = chat.to_sampling_params(body, settings.defaults)
-        conversation = chat.to_conversation(body)
+        structured = chat.structured_output(body)
+        sampling_params = chat.to_sampling_params(body, settings.defaults, structured.spec)
+        conversation = chat.to_conversation(body, structured.tools)
         client_id = request_id_of(request.scope)
         response_id = f"chatcmpl-{client_id}"
         # Engine ids must be unique, and a client may reuse its own x-request-id.
@@ -253,12 +254,15 @@ def create_app(
                 include_usage=bool(options and options.include_usage),
                 continuous_usage=bool(options and options.continuous_usage_stats),
                 logprobs=sampling_params.logprobs,
+                tool_mode=structured.tool_mode,
             )
             events = _sse_events(writer, first, outputs, deadline, timeout_s, request.scope, client_id)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        builder = CompletionBuilder(num_choices, logprobs=sampling_params.logprobs)
+        builder = CompletionBuilder(
+            num_choices, logprobs=sampling_params.logprobs, tool_mode=structured.tool_mode
+        )
         try:
             builder.add(first)
             while not builder.is_complete:

@@ -138,7 +138,7 @@ def _two_images() -> list[dict]:
         ({"messages": TEXT, "model": "gpt-4o"}, None, 404),
         ({"messages": [{"role": "user", "content": "x" * 60_000}] * 40}, None, 413),
         ({"messages": TEXT, "temperature": 5}, None, 400),  # schema errors are 400s, never 422
-        ({"messages": TEXT, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400),
+        ({"messages": TEXT, "functions": [{"name": "f"}]}, None, 400),  # legacy; tools are served
     ],
 )
 def test_error_statuses_are_openai_shaped_and_server_survives(serve_app: ServeApp, body, headers, status):

@@ -125,7 +125,14 @@ def build_corpus(max_request_bytes: int, max_model_len: int) -> list[BadCase]:
     add("text_too_long", 400, chat_body("y" * 100_000))
     # ---- semantics the schema cannot see (400) ------------------------------------------------
     add("n_above_server_max", 400, chat_body(n=9))
-    add("tools", 400, chat_body(tools=[{"type": "function", "function": {"name": "f"}}]))
+    add(
+        "tool_choice_unknown_function",
+        400,
+        chat_body(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+    )
     add("top_logprobs_without_logprobs", 400, chat_body(top_logprobs=2))
     add("logit_bias_not_a_token_id", 400, chat_body(logit_bias={"abc": 1}))
     add(
@@ -185,6 +192,15 @@ def build_corpus(max_request_bytes: int, max_model_len: int) -> list[BadCase]:
         400,
         chat_body(response_format={"type": "json_schema", "json_schema": {}}),
     )
+    # Refused by the engine's grammar compiler on the model replica: the 400 crosses the Ray hop.
+    add(
+        "response_format_invalid_schema",
+        400,
+        chat_body(
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+        ),
+    )
+    add("guided_regex_invalid", 400, chat_body(guided_regex="(unclosed"))
     # ---- authentication (401) -----------------------------------------------------------------
     add("missing_api_key", 401, chat_body(), send_api_key=False)
     add("wrong_api_key", 401, chat_body(), send_api_key=False,

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from openai.types.chat.completion_create_params import CompletionCreateParamsBase
 
 from cogvlm_ray.api.fields import IGNORED_FIELDS, NOT_IMPLEMENTED
+from cogvlm_ray.contracts import StructuredOutputSpec
 from cogvlm_ray.serve.ingress import IngressSettings, create_app
 from cogvlm_ray.serve.metrics import Metrics
 from tests.unit.serve.fakes import FakeBackend
@@ -36,12 +37,12 @@ HONOURED: dict[str, tuple[object, tuple[str, object] | None]] = {
     "stream_options": ({"include_usage": True, "continuous_usage_stats": True}, None),
     "temperature": (0.3, ("temperature", 0.3)),
     "top_p": (0.5, ("top_p", 0.5)),
-    "response_format": ({"type": "text"}, None),
+    "response_format": ({"type": "json_object"}, ("structured", StructuredOutputSpec("json_object"))),
+    "tools": ([FUNCTION], None),  # tool_choice "auto": a structural tag, checked below
     "tool_choice": ("none", None),
 }
 #: field -> a value that asks for something not implemented (400 naming the field).
 REFUSED: dict[str, object] = {
-    "tools": [FUNCTION],
     "functions": [FUNCTION["function"]],
     "function_call": {"name": "f"},
     "audio": {"voice": "alloy", "format": "wav"},
@@ -107,6 +108,9 @@ def test_honoured_fields_reach_the_engine(field):
         assert params.top_logprobs == 3
         entry = response.json()["choices"][0]["logprobs"]["content"][0]
         assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"} and len(entry["top_logprobs"]) == 3
+    if field == "tools":
+        assert params.structured is not None and params.structured.kind == "structural_tag"
+        assert "You can call these functions:" in backend.calls[0]["conversation"].system
     if field == "n":
         assert [c["index"] for c in response.json()["choices"]] == [0, 1, 2]
     if field == "stream_options":
@@ -155,7 +159,7 @@ def test_unknown_fields_are_accepted_and_logged_once_per_name(caplog):
     )
 
 
-def test_tool_conversations_render_as_text():
+def test_tool_conversations_render_in_the_tool_call_format():
     backend = FakeBackend()
     messages = [
         {"role": "user", "content": "weather in Paris?"},
@@ -167,5 +171,20 @@ def test_tool_conversations_render_as_text():
     response = make_client(backend).post("/v1/chat/completions", json={"messages": messages})
     assert response.status_code == 200, response.text
     conversation = backend.calls[0]["conversation"]
-    assert conversation.history == [("weather in Paris?", 'Tool call c1: weather({"city":"Paris"})')]
+    call = '<tool_call>{"name": "weather", "arguments": {"city":"Paris"}}</tool_call>'
+    assert conversation.history == [("weather in Paris?", call)]
     assert conversation.query == "Tool result (c1): 18 C, sunny\nand tomorrow?"
+
+
+def test_legacy_function_messages_render_in_the_same_format():
+    backend = FakeBackend()
+    messages = [
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "now", "arguments": "{}"}},
+        {"role": "function", "name": "now", "content": "12:00"},
+    ]
+    response = make_client(backend).post("/v1/chat/completions", json={"messages": messages})
+    assert response.status_code == 200, response.text
+    conversation = backend.calls[0]["conversation"]
+    assert conversation.history == [("time?", '<tool_call>{"name": "now", "arguments": {}}</tool_call>')]
+    assert conversation.query == "Tool result (now): 12:00"

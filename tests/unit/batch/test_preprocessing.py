@@ -81,6 +81,7 @@ def test_image_paths_are_read_and_text_only_bodies_pass(preprocessor):
         (_row(json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2})), "unsupported_parameter"),
         (_row(json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": True})), "unsupported_parameter"),
         (_row(json.dumps({"messages": [], "colour": "red"})), None),  # schema error
+        (_row(json.dumps({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})), "unsupported_parameter"),
     ],
 )  # fmt: skip
 def test_bad_rows_become_400_error_rows(preprocessor, row, code):
