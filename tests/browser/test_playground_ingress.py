@@ -43,15 +43,16 @@ def test_real_ingress_streams_and_reports_errors(page, png) -> None:
         assert stats.endswith(" · 3 tokens · finish: stop"), stats
         call = backend.calls[-1]
         assert call["sampling_params"].max_tokens == 16 and call["sampling_params"].temperature == 0
-        [user] = call["messages"]
-        assert [part["type"] for part in user["content"]] == ["text", "image_url"]
+        conversation = call["conversation"]
+        assert conversation.query == "What is this?" and conversation.history == []
+        assert len(conversation.image_urls) == 1 and conversation.image_urls[0].startswith("data:image/png")
 
         # An error event after the first delta (a replica died mid-stream) is shown, not swallowed.
         backend.mid_stream_error = ServiceUnavailableError("the model replica died")
         backend.fail_after = 1
         ui.ask("Are you sure?")
         assert ui.last_error() == "the model replica died"
-        assert len(backend.calls[-1]["messages"]) == 3
+        assert len(backend.calls[-1]["conversation"].history) == 1  # (question, answer) of the first turn
 
         # An error before the first delta is a real HTTP status with the API's message.
         backend.mid_stream_error = None
@@ -64,7 +65,8 @@ def test_real_ingress_streams_and_reports_errors(page, png) -> None:
         ui.ask("Are you sure?")
         text, _ = ui.last_answer()
         assert text == "A small red house."
-        assert [m["role"] for m in backend.calls[-1]["messages"]] == ["user", "assistant", "user"]
+        last = backend.calls[-1]["conversation"]  # user, assistant, user
+        assert last.history == [("What is this?", "A small red house.")] and last.query == "Are you sure?"
 
 
 def test_real_ingress_api_key(page, png) -> None:
