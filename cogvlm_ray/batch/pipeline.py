@@ -81,11 +81,13 @@ def build_dataset(
     if done_ids:
         ds = ds.map_batches(skip_completed, batch_format="pyarrow", fn_kwargs={"done": done_ids})
     # Small blocks from here on: readers pack many files per block, and a block is the unit of a
-    # task's output, so without this the first results would wait for a whole read block, and
-    # preprocessing of one big block could not spread over several CPUs.
-    # A block holds the rows of several engine calls (Ray Data runs up to 4 calls of one block at
-    # once), so one block alone keeps an engine's batch full.
-    ds = ds.repartition(target_num_rows_per_block=max(sizing.preprocess_batch_size, 4 * sizing.batch_size))
+    # task's output (the driver sees a row only when its whole block is done), so without this
+    # the first results would wait for a whole read block, and preprocessing of one big block
+    # could not spread over several CPUs. One engine call per block: results stream out call by
+    # call, and an actor's overlapping calls (`max_concurrent_calls_per_actor`) keep its engine full.
+    # `strict`: exactly `batch_size` rows a block (the last one aside); otherwise Ray Data's
+    # bundler tops up a short block with the next one and a call carries 1.5x its rows.
+    ds = ds.repartition(target_num_rows_per_block=sizing.batch_size, strict=True)
     ds = ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",

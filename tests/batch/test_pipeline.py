@@ -85,3 +85,23 @@ def test_retries_are_bounded(ray_cluster, tmp_path):
     with pytest.raises(Exception):  # noqa: B017 (Ray's error class for a lost actor varies by version)
         run(options, engine_factory=factory)
     assert factory.crashes_so_far() == 2  # the first actor and its one restart
+
+
+def test_results_stream_out_one_engine_call_at_a_time(ray_cluster, tmp_path):
+    """Blocks of `batch_size` rows reach the engine stage, and a task's block is what the driver
+    gets back, so results are written call by call instead of when a larger block is done
+    (before, with blocks of up to 4 x batch_size rows, this one-block table came back as one
+    piece). Ray Data's bundler may top up the one short block with the next: < 2 x batch_size."""
+    from cogvlm_ray.batch.pipeline import build_dataset
+
+    images = sorted((FIXTURE / "images").iterdir())
+    table = pa.table({"id": [f"r{i:02d}" for i in range(10)],
+                      "image": pa.array([images[i % len(images)].read_bytes() for i in range(10)], pa.binary())})  # fmt: skip
+    pq.write_table(table, tmp_path / "rows.parquet")  # one file: one read block of 10 rows
+    options = batch_options(tmp_path / "rows.parquet", tmp_path / "unused.jsonl", id_column="id")
+    batch_size = options.sizing.batch_size
+    assert batch_size == 4
+    dataset = build_dataset(options)
+    sizes = [table.num_rows for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None)]
+    assert sum(sizes) == 10 and len(sizes) >= 2
+    assert max(sizes) < 2 * batch_size, sizes
