@@ -39,16 +39,18 @@ import base64
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from full_stack import _wait_healthy, load_config  # bench/ is on sys.path: this script's folder
+from full_stack import (  # bench/ is on sys.path: this script's folder
+    _wait_healthy,
+    load_config,
+    replica_name,
+    serve_run,
+)
 
 from cogvlm_ray.batch.options import PipelineSizing
 from cogvlm_ray.loadgen.report import format_summary, summarize
@@ -154,7 +156,7 @@ def process_role(proc: Any) -> str:
     except psutil.Error:
         return "other"
     if "ServeReplica:" in title:  # "ray::ServeReplica:<app>:<deployment>"
-        return "replica " + title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
+        return "replica " + replica_name(title)
     if "ProxyActor" in title:
         return "serve proxy"
     if "MapWorker(" in title:  # "ray::MapWorker(MapBatches(EngineStage))"
@@ -210,16 +212,8 @@ def http_level(
     args: argparse.Namespace,
     workdir: Path,
 ) -> dict:
-    port = config["http_options"]["port"]
-    config_path = workdir / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    base_url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    log = open(workdir / "serve_run.log", "a")  # noqa: SIM115 (closed below)
     started = time.perf_counter()
-    process = subprocess.Popen(["serve", "run", "--address", "local", str(config_path)], cwd=workdir, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
+    with serve_run(config, workdir) as (process, base_url):
         _wait_healthy(base_url, process, timeout_s=args.startup_timeout)
         startup_s = time.perf_counter() - started  # `serve run` to a healthy app (1 s polls)
         import httpx
@@ -229,13 +223,6 @@ def http_level(
         asyncio.run(run_requests(http_requests(warmup, model, args.max_tokens), settings))
         with CpuMeter(process.pid) as cpu:  # the server side: serve run and its Ray cluster
             results = asyncio.run(run_requests(http_requests(paths, model, args.max_tokens), settings))
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
     summary = summarize(*results)
     sys.stdout.write(format_summary(f"http c={concurrency}", summary) + "\n")
     return {

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,11 @@ def best(runs: list[tuple[RunSummary, dict[str, float]]]) -> tuple[RunSummary, d
     return max(runs, key=lambda run: run[0].output_token_throughput)
 
 
+def replica_name(title: str) -> str:
+    """The deployment of a replica's process title "ray::ServeReplica:<app>:<deployment>[.<method>]"."""
+    return title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
+
+
 def cpu_seconds(root_pid: int | None) -> dict[int, tuple[str, float]]:
     """pid -> (role, CPU seconds used so far) for this process and every descendant of `root_pid`.
 
@@ -81,8 +88,8 @@ def cpu_seconds(root_pid: int | None) -> dict[int, tuple[str, float]]:
             used = sum(proc.cpu_times()[:2])
         except psutil.Error:
             continue
-        if "ServeReplica:" in title:  # "ray::ServeReplica:<app>:<deployment>[.<method>]"
-            label = title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
+        if "ServeReplica:" in title:
+            label = replica_name(title)
         elif "ProxyActor" in title or "ServeController" in title:
             label = "ProxyActor" if "ProxyActor" in title else "ServeController"
         else:
@@ -187,22 +194,12 @@ def run_http(
     args: argparse.Namespace, config: dict, spec: WorkloadSpec, workdir: Path
 ) -> tuple[list[dict], dict]:
     """The sweep's runs (load-generator JSON layout) and the image-cache TTFT check."""
-    port = config["http_options"]["port"]
-    config_path = workdir / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    base_url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    log = open(workdir / "serve_run.log", "w")  # noqa: SIM115 (closed below)
-    # `--address local`: always a fresh cluster of our own, never another one on this machine.
-    process = subprocess.Popen(["serve", "run", "--address", "local", str(config_path)], cwd=workdir, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     runs: list[dict] = []
     image_cache: dict = {}
-    try:
+    with serve_run(config, workdir) as (process, base_url):
         try:
             _wait_healthy(base_url, process, timeout_s=args.startup_timeout)
         except RuntimeError:
-            log.flush()
             tail = (workdir / "serve_run.log").read_text(errors="replace").splitlines()[-40:]
             logger.error("serve run did not come up; last lines of its log:\n%s", "\n".join(tail))
             raise
@@ -227,13 +224,6 @@ def run_http(
                          "cpu_ms_per_output_token": cpu})  # fmt: skip
         if args.image_cache_requests:
             image_cache = image_cache_effect(base_url, spec, args.image_cache_requests)
-    finally:
-        process.send_signal(signal.SIGINT)  # serve run tears down the cluster it started
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
     return runs, image_cache
 
 
@@ -249,6 +239,27 @@ def image_cache_effect(base_url: str, spec: WorkloadSpec, num_requests: int) -> 
         ttft[name] = summarize(results, duration).ttft_ms.p50
     sys.stdout.write(f"image cache, TTFT p50 ms at c=1: {ttft}\n")
     return {"requests_per_arm": num_requests, "ttft_p50_ms": ttft}
+
+
+@contextlib.contextmanager
+def serve_run(config: dict, workdir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`serve run` of `config` in a subprocess (log appended to workdir/serve_run.log), yielding
+    the process and its base URL; stopped with SIGINT (it tears down the cluster it started)."""
+    config_path = workdir / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(workdir / "serve_run.log", "a") as log:
+        # `--address local`: always a fresh cluster of our own, never another one on this machine.
+        process = subprocess.Popen(["serve", "run", "--address", "local", str(config_path)], cwd=workdir,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            yield process, f"http://127.0.0.1:{config['http_options']['port']}"
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def _wait_healthy(base_url: str, process: subprocess.Popen, timeout_s: float) -> None:
